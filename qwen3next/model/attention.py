@@ -1,0 +1,50 @@
+"""Gated softmax attention (Qwen3-Next) and plain attention (dense Qwen3): GQA, per-head q/k RMSNorm applied
+before a partial rotary embedding, and in Qwen3-Next an elementwise sigmoid gate on the output.
+
+q_proj rows are interleaved per head: head h owns [query (D) | gate (D)]."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..ops.attention import causal_attention, paged_attention, write_kv
+from .cache import BatchMeta, KVPages
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.gated = cfg.attn_output_gate
+        self.scale = self.head_dim ** -0.5
+        zc = cfg.model_type == "qwen3_next"
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim * (2 if self.gated else 1), bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, zero_centered=zc)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, zero_centered=zc)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPages | None = None,
+                meta: BatchMeta | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, -1)
+        gate = None
+        if self.gated:
+            q, gate = q.split(self.head_dim, dim=-1)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if kv is None:
+            out = causal_attention(q, k, v, self.scale)
+        else:  # packed batch (B == 1): store the new keys, then attend over each sequence's pages
+            write_kv(kv.k, kv.v, k[0], v[0], meta.slot_mapping())
+            out = paged_attention(q[0], kv.k, kv.v, meta.page_table, meta.cu_seqlens, meta.positions,
+                                  meta.context_lens, self.scale, meta.max_q_len, meta.max_context_len)[None]
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out.reshape(B, T, -1))

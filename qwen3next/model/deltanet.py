@@ -1,0 +1,80 @@
+"""Gated DeltaNet token mixer (linear attention with a constant-size state), as laid out in Qwen3-Next checkpoints.
+
+in_proj_qkvz rows are grouped per key head g (r = Hv / Hk value heads per group):
+    [q_g (dk) | k_g (dk) | v_{rg..rg+r-1} (r dv) | z_{rg..rg+r-1} (r dv)]
+in_proj_ba rows per key head g: [b_{rg..} (r) | a_{rg..} (r)]. The short conv runs over [all q | all k | all v].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..ops import kernels
+from .cache import BatchMeta, GDNState
+from .norm import GatedRMSNorm, upcast
+
+
+class DepthwiseConv(nn.Module):
+    """Holds `conv1d.weight` [C, 1, K] under the checkpoint's name; the computation is ops.conv1d."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.hk, self.hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.r = self.hv // self.hk
+        self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
+        self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * self.hv, bias=False)
+        self.conv1d = DepthwiseConv(cfg.linear_conv_dim, cfg.linear_conv_kernel_dim)
+        self.dt_bias = nn.Parameter(torch.ones(self.hv))
+        self.A_log = nn.Parameter(torch.zeros(self.hv))
+        self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+
+    def _project(self, x: torch.Tensor):
+        B, T, _ = x.shape
+        qkvz = self.in_proj_qkvz(x).view(B, T, self.hk, -1)
+        q, k, v, z = qkvz.split([self.dk, self.dk, self.r * self.dv, self.r * self.dv], dim=-1)
+        b, a = self.in_proj_ba(x).view(B, T, self.hk, 2 * self.r).split(self.r, dim=-1)
+        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
+        return mixed, z.reshape(B, T, self.hv, self.dv), b.reshape(B, T, self.hv), a.reshape(B, T, self.hv)
+
+    def forward(self, x: torch.Tensor, state: GDNState | None = None, meta: BatchMeta | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        mixed, z, b, a = self._project(x)
+        conv_w = self.conv1d.weight.squeeze(1)
+        cu = conv0 = rec0 = None
+        if state is not None:
+            fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
+            conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
+            rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
+            if meta.is_decode:                         # one token per sequence: a plain batch of S sequences
+                mixed, z, b, a = (t.transpose(0, 1) for t in (mixed, z, b, a))
+            else:
+                cu = meta.cu_seqlens
+        mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu)
+        Bm, Tm, _ = mixed.shape
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(Bm, Tm, self.hk, self.dk).repeat_interleave(self.r, dim=2)   # value head j uses key head j // r
+        k = k.reshape(Bm, Tm, self.hk, self.dk).repeat_interleave(self.r, dim=2)
+        v = v.reshape(Bm, Tm, self.hv, self.dv)
+        beta = torch.sigmoid(b)
+        g = -upcast(self.A_log).exp() * F.softplus(upcast(a) + upcast(self.dt_bias))   # log-decay <= 0, in fp32
+        rule = kernels.recurrent_gated_delta_rule if Tm == 1 else kernels.chunk_gated_delta_rule
+        o, rec_final = rule(q, k, v, g, beta, initial_state=rec0, output_final_state=state is not None,
+                            cu_seqlens=cu)
+        if state is not None:
+            state.conv[meta.slots] = conv_final.to(state.conv.dtype)
+            state.recurrent[meta.slots] = rec_final.to(state.recurrent.dtype)
+            if meta.is_decode:
+                o, z = o.transpose(0, 1), z.transpose(0, 1)
+        o = self.norm(o, z)
+        return self.out_proj(o.reshape(B, T, self.value_dim))

@@ -1,0 +1,36 @@
+"""Causal depthwise conv1d with a carried state (the short convolution of Gated DeltaNet), torch reference.
+
+The state of a sequence is its last K-1 inputs per channel, so prefill can be split into chunks and decode can go
+token by token. The SiLU activation follows the convolution.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None = None,
+                  cu_seqlens: torch.Tensor | None = None, activation: bool = True):
+    """x [B, T, C], weight [C, K], initial_state [N, C, K-1] (N = B, or sequences when packed with cu_seqlens).
+
+    Returns (y [B, T, C], final_state [N, C, K-1]).
+    """
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        ys, states = [], []
+        for i in range(len(bounds) - 1):
+            h0 = None if initial_state is None else initial_state[i:i + 1]
+            y, s = causal_conv1d(x[:, bounds[i]:bounds[i + 1]], weight, h0, activation=activation)
+            ys.append(y)
+            states.append(s)
+        return torch.cat(ys, dim=1), torch.cat(states, dim=0)
+    B, T, C = x.shape
+    K = weight.shape[-1]
+    xt = x.transpose(1, 2).to(weight.dtype)
+    h0 = (torch.zeros(B, C, K - 1, dtype=xt.dtype, device=x.device) if initial_state is None
+          else initial_state.to(xt.dtype))
+    full = torch.cat([h0, xt], dim=-1)                      # [B, C, K-1+T]
+    y = F.conv1d(full, weight.unsqueeze(1), groups=C)       # valid conv: exactly T outputs
+    if activation:
+        y = F.silu(y)
+    return y.transpose(1, 2).to(x.dtype), full[:, :, -(K - 1):].clone()

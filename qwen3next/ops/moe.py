@@ -1,0 +1,45 @@
+"""Sparse mixture-of-experts primitives, torch reference: top-k routing and the routed expert computation.
+
+Experts are packed: gate_up [E, 2I, H] (gate rows first, then up rows) and down [E, H, I]. Tokens are grouped by
+expert with one sort, so the Python loop runs over the experts that received tokens, never over tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """router_logits [N, E] -> (weights [N, k] in the logits' dtype, expert ids [N, k]).
+
+    Softmax over ALL experts in fp32, then top-k, then (optionally) renormalise the k weights to sum to 1.
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.promote_types(router_logits.dtype, torch.float32))
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """x [N, H]; ids, weights [N, k] -> sum_k weights * down(silu(gate x) * up x) of expert ids[:, k], [N, H]."""
+    N, k = ids.shape
+    inter = down.shape[-1]
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of = order // k                                   # which token each sorted assignment belongs to
+    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
+    w_sorted = weights.reshape(-1)[order]
+    out = torch.zeros_like(x)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        xe = x[token_of[sl]]
+        h = F.linear(xe, gate_up[e])
+        y = F.linear(F.silu(h[:, :inter]) * h[:, inter:], down[e])
+        out.index_add_(0, token_of[sl], (y * w_sorted[sl, None]).to(out.dtype))
+        start += n
+    return out
