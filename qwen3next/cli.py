@@ -45,6 +45,67 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _sampling(args, llm):
+    """The checkpoint's generation_config.json defaults, overridden by the flags the user gave."""
+    import dataclasses
+    base = llm.get_default_sampling_params()
+    given = {k: getattr(args, k) for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
+                                           "repetition_penalty", "presence_penalty", "stop")
+             if getattr(args, k) is not None}
+    if base.max_tokens is None or base.max_tokens == 16:   # vLLM's 16 is too short for a terminal
+        given.setdefault("max_tokens", 512)
+    return dataclasses.replace(base, **given)
+
+
+def _llm(args):
+    from .engine.llm import LLM
+    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+
+
+def _cmd_generate(args) -> int:
+    llm = _llm(args)
+    params = _sampling(args, llm)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.render_chat([{"role": "user", "content": prompt}], enable_thinking=args.thinking)
+    out = None
+    try:
+        for out in llm.stream(prompt, params):
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    sys.stdout.write("\n")
+    if out is not None and args.verbose:
+        o = out.outputs[0]
+        print(f"[{len(o.token_ids)} tokens, finish_reason={o.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args) -> int:
+    from .chat_repl import run_chat
+    llm = _llm(args)
+    return run_chat(llm, _sampling(args, llm), system=args.system, enable_thinking=args.thinking)
+
+
+def _add_generation_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length to reserve")
+    s.add_argument("--max-tokens", type=int, default=None, help="tokens to generate at most (default 512)")
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's generation_config)")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
+    s.add_argument("--top-k", type=int, default=None, help="top-k sampling, 0 = off")
+    s.add_argument("--min-p", type=float, default=None)
+    s.add_argument("--repetition-penalty", type=float, default=None)
+    s.add_argument("--presence-penalty", type=float, default=None)
+    s.add_argument("--seed", type=int, default=None, help="per-request seed for reproducible samples")
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    s.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="enable_thinking for the chat template")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     p = argparse.ArgumentParser(prog="qwen3next", description="Qwen3-Next in plain PyTorch: models, training, serving.")
@@ -60,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-mtp", action="store_true", help="leave out the MTP head")
     s.add_argument("--max-shard-gb", type=float, default=4.0, help="shard size limit in GiB")
     s.set_defaults(fn=_cmd_init)
+
+    s = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
+    s.add_argument("prompt", help="the prompt text")
+    s.add_argument("--chat", action="store_true", help="send the prompt as a user message in the chat template")
+    s.add_argument("-v", "--verbose", action="store_true", help="print token count and finish reason to stderr")
+    _add_generation_args(s)
+    s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    s.add_argument("--system", default=None, help="system prompt")
+    _add_generation_args(s)
+    s.set_defaults(fn=_cmd_chat)
 
     s = sub.add_parser("info", help="shape and parameter count of a checkpoint or preset (reads no weights)")
     s.add_argument("model", help="checkpoint directory or preset name")

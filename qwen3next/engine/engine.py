@@ -1,0 +1,235 @@
+"""LLMEngine: requests in, tokens out — tokenizer, scheduler, cache manager, runner and sampler put together.
+
+`add_request` validates and queues; `step` runs one scheduled batch and returns what changed; `abort` frees a
+request's slot and pages at once. The engine never touches weights (the runner does) and holds no tensors but the
+per-request random generators.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+
+import torch
+
+from ..ops.sampling import SamplingTensors, make_generator, sample
+from ..tokenizer import IncrementalDetokenizer
+from .cache import CacheManager
+from .runner import ModelRunner
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence, Status
+from .stop import StopChecker
+
+
+class EngineStats:
+    """Counters the server exports as metrics."""
+
+    def __init__(self):
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished_requests = 0
+        self.ttft: list[float] = []          # recent time-to-first-token samples (s)
+        self.tpot: list[float] = []          # recent time-per-output-token samples (s)
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 512, num_kv_pages: int | None = None, page_size: int = 16,
+                 kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None):
+        cfg = model.config
+        self.model, self.tokenizer, self.config = model, tokenizer, cfg
+        max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        pages_per_seq = math.ceil(max_model_len / page_size)
+        n_attn = cfg.layer_types.count("full_attention")
+        if num_kv_pages is None:
+            bytes_per_page = max(n_attn, 1) * 2 * page_size * cfg.num_key_value_heads * cfg.head_dim * \
+                model.model.embed_tokens.weight.element_size()
+            budget = (kv_cache_gib if kv_cache_gib is not None else 2.0) * (1 << 30)
+            num_kv_pages = max(1, min(max_num_seqs * pages_per_seq, int(budget // bytes_per_page)))
+        # one sequence must always fit alone, else preemption could never make progress
+        self.max_model_len = min(max_model_len, num_kv_pages * page_size)
+        self.cache = CacheManager(max_num_seqs, num_kv_pages, page_size)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size)
+        self.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        self.generation_config = generation_config or {}
+        gen_eos = self.generation_config.get("eos_token_id")
+        eos = set(cfg.eos_token_ids) | set(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
+        if tokenizer is not None:
+            eos |= set(tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[str, Sequence] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+    def default_sampling_params(self) -> SamplingParams:
+        if self.generation_config:
+            return SamplingParams.from_generation_config(self.generation_config)
+        return SamplingParams()
+
+    def add_request(self, prompt: str | dict | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        text, ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but this engine's context is {self.max_model_len} "
+                             f"tokens (prompt + at least one generated token must fit)")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, text, ids, params)
+        if params.seed is not None:
+            seq.generator = make_generator(params.seed, self.runner.device)
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+        if params.logprobs is not None:
+            seq.logprobs = []
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        self.stats.prompt_tokens += len(ids)
+        return request_id
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of ints")
+                return prompt.get("prompt"), list(ids)
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this engine has no tokenizer (skip_tokenizer_init): pass {'prompt_token_ids': [...]}")
+        return prompt, self.tokenizer.encode(prompt)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return seq.to_output()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step -------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        for s in batch.seqs:
+            s.delta_text, s.delta_token_ids = "", []
+        logits, rows = self.runner.forward(batch)
+        for s, n in zip(batch.seqs, batch.num_tokens):
+            s.num_computed += n
+        if rows:
+            seqs = [batch.seqs[i] for i in rows]
+            st = SamplingTensors.from_params([s.params for s in seqs], [s.output_token_ids for s in seqs],
+                                             [s.prompt_token_ids for s in seqs], [s.generator for s in seqs],
+                                             logits.device, logits.shape[-1], shared_generator=self.generator,
+                                             eos_token_ids=sorted(self.eos_token_ids))
+            out = sample(logits, st)
+            toks = out.token_ids.tolist()
+            lps = out.logprobs.tolist()
+            top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
+            now = time.monotonic()
+            for j, s in enumerate(seqs):
+                self._append(s, toks[j], lps[j], top_ids[j], top_lps[j], now)
+        outputs = []
+        for s in batch.seqs:
+            if s.delta_token_ids or s.is_finished:
+                outputs.append(s.to_output())
+            if s.is_finished:
+                self.requests.pop(s.request_id, None)
+        return outputs
+
+    def _append(self, s: Sequence, tok: int, lp: float, top_ids, top_lps, now: float) -> None:
+        p = s.params
+        if s.first_token_time is None:
+            s.first_token_time = now
+            self.stats.ttft.append(now - s.arrival_time)
+        s.output_token_ids.append(tok)
+        s.delta_token_ids.append(tok)
+        self.stats.generation_tokens += 1
+        if s.logprobs is not None:
+            entry = {tok: lp}
+            for i, l in zip(top_ids[:p.logprobs], top_lps[:p.logprobs]):
+                entry.setdefault(i, l)
+            s.logprobs.append(entry)
+            s.cumulative_logprob += lp
+        n_out = len(s.output_token_ids)
+        finish = stop_reason = None
+        if not p.ignore_eos and tok in self.eos_token_ids and n_out >= p.min_tokens:
+            finish = "stop"
+        elif tok in p.stop_token_ids and n_out >= p.min_tokens:
+            finish, stop_reason = "stop", tok
+        if s.detokenizer is not None:
+            if finish is None:
+                delta = s.detokenizer.add(tok)
+                emit, stopped, matched = s.stop_checker.feed(delta)
+                s.text += emit
+                s.delta_text += emit
+                if stopped and n_out >= p.min_tokens:
+                    finish, stop_reason = "stop", matched
+        if finish is None and p.max_tokens is not None and n_out >= p.max_tokens:
+            finish = "length"
+        if finish is None and s.num_tokens >= self.max_model_len:
+            finish = "length"
+        if finish is not None:
+            s.stop_reason = stop_reason
+            self._finish(s, finish)
+
+    def _finish(self, s: Sequence, reason: str) -> None:
+        if s.is_finished:
+            return
+        if s.detokenizer is not None and not s.stop_checker.stopped:
+            # release what was held back: bytes of an unfinished character, a possible stop-string prefix
+            emit, stopped, _ = s.stop_checker.feed(s.detokenizer.flush())
+            if not stopped:
+                emit += s.stop_checker.flush()
+            s.text += emit
+            s.delta_text += emit
+        s.finish_reason = reason
+        s.finish_time = time.monotonic()
+        if len(s.output_token_ids) > 1 and s.first_token_time is not None:
+            self.stats.tpot.append((s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1))
+        self.stats.finished_requests += 1
+        self.scheduler.finish(s)
+
+    # ---- introspection --------------------------------------------------------------------------------------------
+    def usage(self) -> dict:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "slots_used": self.cache.slots_used, "slots_total": self.cache.num_slots,
+                "pages_used": self.cache.pages_used, "pages_total": self.cache.num_pages,
+                "preemptions": self.scheduler.num_preemptions}
+
+
+def read_generation_config(path: str | None) -> dict:
+    import json
+    if not path:
+        return {}
+    f = os.path.join(path, "generation_config.json")
+    if not os.path.exists(f):
+        return {}
+    with open(f, encoding="utf-8") as fh:
+        try:
+            return json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
