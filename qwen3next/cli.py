@@ -106,6 +106,14 @@ def _add_generation_args(s: argparse.ArgumentParser) -> None:
                    help="enable_thinking for the chat template")
 
 
+def _cmd_bench(args) -> int:
+    from .bench import run
+    run(layers=args.layers, dense_layers=args.dense_layers,
+        contexts=tuple(int(x) for x in args.contexts.split(",")), batches=tuple(int(x) for x in args.batches.split(",")),
+        with_transformers=not args.skip_transformers, out_dir=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     p = argparse.ArgumentParser(prog="qwen3next", description="Qwen3-Next in plain PyTorch: models, training, serving.")
@@ -133,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt")
     _add_generation_args(s)
     s.set_defaults(fn=_cmd_chat)
+
+    s = sub.add_parser("bench", help="GPU: Qwen3-Next-80B-A3B vs dense Qwen3-32B vs transformers on real shapes")
+    s.add_argument("--layers", type=int, default=8, help="Qwen3-Next layers to build (scaled to 48)")
+    s.add_argument("--dense-layers", type=int, default=8, help="Qwen3-32B layers to build (scaled to 64)")
+    s.add_argument("--contexts", default="4096,32768", help="prefill lengths / decode contexts")
+    s.add_argument("--batches", default="16,64", help="decode batch sizes besides 1 (at the first context)")
+    s.add_argument("--skip-transformers", action="store_true", help="do not time the transformers peer")
+    s.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plot go")
+    s.set_defaults(fn=_cmd_bench)
 
     s = sub.add_parser("info", help="shape and parameter count of a checkpoint or preset (reads no weights)")
     s.add_argument("model", help="checkpoint directory or preset name")

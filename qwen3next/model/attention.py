@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.attention import causal_attention, paged_attention, write_kv
+from ..ops import kernels
 from .cache import BatchMeta, KVPages
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -40,11 +40,10 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
         if kv is None:
-            out = causal_attention(q, k, v, self.scale)
+            out = kernels.causal_attention(q, k, v, self.scale)
         else:  # packed batch (B == 1): store the new keys, then attend over each sequence's pages
-            write_kv(kv.k, kv.v, k[0], v[0], meta.slot_mapping())
-            out = paged_attention(q[0], kv.k, kv.v, meta.page_table, meta.cu_seqlens, meta.positions,
-                                  meta.context_lens, self.scale, meta.max_q_len, meta.max_context_len)[None]
+            kernels.write_kv(kv.k, kv.v, k[0], v[0], meta.slot_mapping)
+            out = kernels.paged_attention(q[0], kv.k, kv.v, meta, self.scale)[None]
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(B, T, -1))

@@ -17,14 +17,21 @@ from ..config import FULL, ModelConfig
 
 @dataclass
 class BatchMeta:
+    """Who is where in a packed batch. Every tensor is built on the host in one go and moved once, so a step needs
+    no device-to-host syncs (and a decode step can be captured in a CUDA graph with these tensors as inputs)."""
     cu_seqlens: torch.Tensor     # [S+1] long: sequence i's new tokens are rows cu_seqlens[i]:cu_seqlens[i+1]
     positions: torch.Tensor      # [N] long: absolute position of every new token
     slots: torch.Tensor          # [S] long: state slot of every sequence
     page_table: torch.Tensor     # [S, P] long: KV pages of every sequence
     context_lens: torch.Tensor   # [S] long: tokens in the KV cache after this step (cached + new)
-    q_lens: list[int]            # host copies, for shape decisions without device syncs
+    fresh: torch.Tensor          # [S] bool: starts at position 0, so its recurrent state starts from zero
+    slot_mapping: torch.Tensor   # [N] long: flat KV row (page * page_size + offset) of every new token
+    token_seq: torch.Tensor      # [N] long: which sequence each token belongs to
+    token_index: torch.Tensor    # [N] long: index of each token within its sequence's new tokens
+    q_lens: list[int]            # host copies, for shape decisions
     start_positions: list[int]
     page_size: int
+    max_context_len: int         # key length the attention pads to (>= every context_lens entry)
 
     @property
     def num_seqs(self) -> int:
@@ -38,42 +45,35 @@ class BatchMeta:
     def max_q_len(self) -> int:
         return max(self.q_lens)
 
-    @property
-    def max_context_len(self) -> int:
-        return max(s + n for s, n in zip(self.start_positions, self.q_lens))
-
-    @property
-    def fresh(self) -> torch.Tensor:
-        """[S] bool: sequences starting at position 0, whose recurrent state must start from zero."""
-        return torch.tensor([s == 0 for s in self.start_positions], device=self.slots.device)
-
-    def slot_mapping(self) -> torch.Tensor:
-        """[N] flat KV row (page * page_size + offset) of every new token."""
-        seq_of = torch.repeat_interleave(torch.arange(self.num_seqs, device=self.positions.device),
-                                         torch.tensor(self.q_lens, device=self.positions.device))
-        page = self.page_table[seq_of, self.positions // self.page_size]
-        return page * self.page_size + self.positions % self.page_size
-
     @classmethod
     def build(cls, q_lens: list[int], start_positions: list[int], slots: list[int], page_table: list[list[int]],
-              page_size: int, device="cpu") -> "BatchMeta":
+              page_size: int, device="cpu", pad_context_to: int | None = None) -> "BatchMeta":
+        """`pad_context_to`: fix the attention key length (a CUDA graph captured for a context bucket)."""
         if not q_lens or any(n < 1 for n in q_lens):
             raise ValueError(f"every sequence in a batch needs at least one new token, got q_lens={q_lens}")
-        cu = [0]
-        for n in q_lens:
+        ends = [s + n for s, n in zip(start_positions, q_lens)]
+        for i, (r, e) in enumerate(zip(page_table, ends)):
+            if len(r) * page_size < e:
+                raise ValueError(f"sequence {i} needs {-(-e // page_size)} KV pages for {e} tokens, "
+                                 f"its page table has {len(r)}")
+        cu, seq_of, idx, positions, rows = [0], [], [], [], []
+        for i, (s, n) in enumerate(zip(start_positions, q_lens)):
             cu.append(cu[-1] + n)
-        positions = [s + j for s, n in zip(start_positions, q_lens) for j in range(n)]
+            for j in range(n):
+                p = s + j
+                seq_of.append(i)
+                idx.append(j)
+                positions.append(p)
+                rows.append(page_table[i][p // page_size] * page_size + p % page_size)
         width = max(len(r) for r in page_table) or 1
         table = [list(r) + [0] * (width - len(r)) for r in page_table]
-        need = [-(-(s + n) // page_size) for s, n in zip(start_positions, q_lens)]
-        for i, (r, m) in enumerate(zip(page_table, need)):
-            if len(r) < m:
-                raise ValueError(f"sequence {i} needs {m} KV pages for {start_positions[i] + q_lens[i]} tokens, "
-                                 f"its page table has {len(r)}")
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return cls(cu_seqlens=t(cu), positions=t(positions), slots=t(slots), page_table=t(table),
-                   context_lens=t([s + n for s, n in zip(start_positions, q_lens)]), q_lens=list(q_lens),
-                   start_positions=list(start_positions), page_size=page_size)
+        max_ctx = max(ends) if pad_context_to is None else max(pad_context_to, max(ends))
+        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        host = [t(cu), t(positions), t(slots), t(table), t(ends), torch.tensor([s == 0 for s in start_positions]),
+                t(rows), t(seq_of), t(idx)]
+        dev = [x.to(device, non_blocking=True) for x in host]
+        return cls(*dev, q_lens=list(q_lens), start_positions=list(start_positions), page_size=page_size,
+                   max_context_len=max_ctx)
 
 
 @dataclass

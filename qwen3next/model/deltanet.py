@@ -12,8 +12,15 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops import kernels
+from ..ops.fused import cuda_fused
 from .cache import BatchMeta, GDNState
 from .norm import GatedRMSNorm, upcast
+
+
+@cuda_fused
+def gdn_gates(b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
+    """beta = sigmoid(b) (write strength); g = -exp(A_log) * softplus(a + dt_bias), the log-decay (<= 0), in fp32."""
+    return torch.sigmoid(b), -upcast(A_log).exp() * F.softplus(upcast(a) + upcast(dt_bias))
 
 
 class DepthwiseConv(nn.Module):
@@ -63,11 +70,10 @@ class GatedDeltaNet(nn.Module):
         mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu)
         Bm, Tm, _ = mixed.shape
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(Bm, Tm, self.hk, self.dk).repeat_interleave(self.r, dim=2)   # value head j uses key head j // r
-        k = k.reshape(Bm, Tm, self.hk, self.dk).repeat_interleave(self.r, dim=2)
+        q = q.reshape(Bm, Tm, self.hk, self.dk)          # the op maps value head j to key head j // r
+        k = k.reshape(Bm, Tm, self.hk, self.dk)
         v = v.reshape(Bm, Tm, self.hv, self.dv)
-        beta = torch.sigmoid(b)
-        g = -upcast(self.A_log).exp() * F.softplus(upcast(a) + upcast(self.dt_bias))   # log-decay <= 0, in fp32
+        beta, g = gdn_gates(b, a, self.A_log, self.dt_bias)
         rule = kernels.recurrent_gated_delta_rule if Tm == 1 else kernels.chunk_gated_delta_rule
         o, rec_final = rule(q, k, v, g, beta, initial_state=rec0, output_final_state=state is not None,
                             cu_seqlens=cu)

@@ -9,10 +9,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.fused import cuda_fused
+
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """At least fp32 for reductions (fp64 stays fp64, so float64 runs are exact references)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+@cuda_fused
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
+    xf = upcast(x)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if zero_centered:  # fp32 all the way, cast at the end
+        return (normed * (1.0 + upcast(weight))).type_as(x)
+    return weight * normed.type_as(x)
+
+
+@cuda_fused
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = upcast(x)
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return (weight * normed * F.silu(upcast(gate))).to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -23,11 +42,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = upcast(x)
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.zero_centered:  # fp32 all the way, cast at the end
-            return (normed * (1.0 + upcast(self.weight))).type_as(x)
-        return self.weight * normed.type_as(x)
+        return rms_norm(x, self.weight, self.eps, self.zero_centered)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
@@ -40,7 +55,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = upcast(x)
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-        return (self.weight * normed * F.silu(upcast(gate))).to(dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps)

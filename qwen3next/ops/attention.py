@@ -5,6 +5,8 @@ token at position p lives in page page_table[seq, p // page_size], row p % page_
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -23,37 +25,57 @@ def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: t
     v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
 
 
-def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
-                    cu_seqlens: torch.Tensor, positions: torch.Tensor, context_lens: torch.Tensor,
-                    scale: float, max_q_len: int, max_context_len: int) -> torch.Tensor:
-    """Attention of packed queries q [N, Hq, D] (sequence i owns rows cu_seqlens[i]:cu_seqlens[i+1], at absolute
-    `positions`) over each sequence's cached keys [0, context_lens[i]). A query at position p sees keys <= p.
+def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta, scale: float) -> torch.Tensor:
+    """Attention of packed queries q [N, Hq, D] over each sequence's cached keys [0, context_lens[i]); a query at
+    position p sees keys <= p. `meta` is a BatchMeta (page table, positions, token -> sequence maps).
 
-    Sequences are padded to [S, max_q_len] queries and [S, max_context_len] keys so one SDPA call serves a mixed
-    batch of prefill chunks and decode steps.
+    Decode steps (one query per sequence) run as one padded SDPA call over gathered keys. Batches with prefill
+    chunks run per sequence, so no [S, Lq, Lk] mask is ever built for long prompts.
     """
-    S = page_table.shape[0]
+    if not meta.is_decode:
+        return _paged_prefill(q, k_pages, v_pages, meta, scale)
+    S, Lq, Lk = meta.page_table.shape[0], meta.max_q_len, meta.max_context_len
     N, Hq, D = q.shape
     ps = k_pages.shape[1]
     dev = q.device
-    # key side: flat row of every (sequence, key position)
-    kpos = torch.arange(max_context_len, device=dev)
-    rows = page_table.gather(1, (kpos // ps).expand(S, -1).clamp_max(page_table.shape[1] - 1)) * ps + kpos % ps
-    key_valid = kpos[None, :] < context_lens[:, None]                             # [S, Lk]
+    # key side: the flat row of every (sequence, key position)
+    kpos = torch.arange(Lk, device=dev)
+    page_idx = (kpos // ps).clamp_max(meta.page_table.shape[1] - 1).expand(S, -1)
+    rows = meta.page_table.gather(1, page_idx) * ps + kpos % ps
+    key_valid = kpos[None, :] < meta.context_lens[:, None]                        # [S, Lk]
     rows = torch.where(key_valid, rows, torch.zeros_like(rows))
     kf = k_pages.view(-1, *k_pages.shape[2:])[rows]                               # [S, Lk, Hkv, D]
     vf = v_pages.view(-1, *v_pages.shape[2:])[rows]
     # query side: scatter packed rows into [S, Lq]
-    q_lens = cu_seqlens[1:] - cu_seqlens[:-1]
-    seq_of = torch.repeat_interleave(torch.arange(S, device=dev), q_lens)
-    slot_in_seq = torch.arange(N, device=dev) - cu_seqlens[:-1][seq_of]
-    qp = q.new_zeros(S, max_q_len, Hq, D)
-    qp[seq_of, slot_in_seq] = q
-    qpos = torch.full((S, max_q_len), -1, dtype=positions.dtype, device=dev)
-    qpos[seq_of, slot_in_seq] = positions
+    qp = q.new_zeros(S, Lq, Hq, D)
+    qp[meta.token_seq, meta.token_index] = q
+    qpos = torch.full((S, Lq), -1, dtype=meta.positions.dtype, device=dev)
+    qpos[meta.token_seq, meta.token_index] = meta.positions
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & key_valid[:, None, :]       # [S, Lq, Lk]
     mask = mask | (qpos[:, :, None] < 0)  # padded query rows: attend anywhere, result discarded (avoids NaN)
     out = F.scaled_dot_product_attention(qp.transpose(1, 2), kf.transpose(1, 2).to(q.dtype),
                                          vf.transpose(1, 2).to(q.dtype), attn_mask=mask[:, None], scale=scale,
                                          enable_gqa=Hq != kf.shape[2])
-    return out.transpose(1, 2)[seq_of, slot_in_seq]                               # [N, Hq, D]
+    return out.transpose(1, 2)[meta.token_seq, meta.token_index]                  # [N, Hq, D]
+
+
+def _paged_prefill(q, k_pages, v_pages, meta, scale):
+    out = torch.empty_like(q)
+    ps = k_pages.shape[1]
+    flat_k, flat_v = k_pages.view(-1, *k_pages.shape[2:]), v_pages.view(-1, *v_pages.shape[2:])
+    cu = [0, *itertools.accumulate(meta.q_lens)]                           # host copy: no device sync
+    for i, (start, n) in enumerate(zip(meta.start_positions, meta.q_lens)):
+        qi = q[cu[i]:cu[i + 1]].transpose(0, 1)[None]                        # [1, Hq, n, D]
+        ctx = start + n
+        kpos = torch.arange(ctx, device=q.device)
+        rows = meta.page_table[i].gather(0, kpos // ps) * ps + kpos % ps
+        ki = flat_k[rows].transpose(0, 1)[None].to(q.dtype)                 # [1, Hkv, ctx, D]
+        vi = flat_v[rows].transpose(0, 1)[None].to(q.dtype)
+        gqa = qi.shape[1] != ki.shape[1]
+        if start == 0:   # no cached prefix: plain causal attention (FlashAttention on GPU)
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:            # a later chunk: queries at start..ctx-1 see keys 0..their own position
+            mask = kpos[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[cu[i]:cu[i + 1]] = o[0].transpose(0, 1)
+    return out

@@ -6,7 +6,8 @@ Per value head, with a state S in R^{dk x dv} and, for each token t (q, k l2-nor
 Two forms with one signature (the one flash-linear-attention uses, so its GPU kernels drop in):
   recurrent_gated_delta_rule: token by token (decode, and the float64 oracle).
   chunk_gated_delta_rule:     chunks of 64 tokens in the WY / UT-transform form (prefill, training).
-Shapes: q, k [B, T, H, dk] (already broadcast to value heads), v [B, T, H, dv], g, beta [B, T, H];
+Shapes: q, k [B, T, Hk, dk], v [B, T, H, dv], g, beta [B, T, H]; when Hk < H ("grouped value attention"),
+value head j reads key head j // (H / Hk);
 initial_state [N, H, dk, dv] where N = B, or N = number of sequences when `cu_seqlens` packs them in B = 1.
 Everything runs in fp32 (or fp64 when given fp64); the output is cast back to v's dtype, the state stays fp32/64.
 """
@@ -23,9 +24,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def _prepare(q, k, use_qk_l2norm: bool, scale: float | None):
+def _prepare(q, k, v, use_qk_l2norm: bool, scale: float | None):
     wd = _work_dtype(q)
     q, k = q.to(wd), k.to(wd)
+    if q.shape[2] != v.shape[2]:                      # grouped value attention: broadcast key heads
+        r = v.shape[2] // q.shape[2]
+        q, k = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     return q * (scale if scale is not None else q.shape[-1] ** -0.5), k
@@ -54,7 +58,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
         return _per_sequence(recurrent_gated_delta_rule, q, k, v, g, beta, initial_state, output_final_state,
                              cu_seqlens, scale=scale, use_qk_l2norm=use_qk_l2norm)
     out_dtype = v.dtype
-    q, k = _prepare(q, k, use_qk_l2norm, scale)
+    q, k = _prepare(q, k, v, use_qk_l2norm, scale)
     wd = q.dtype
     v, g, beta = v.to(wd), g.to(wd), beta.to(wd)
     B, T, H, dk = k.shape
@@ -76,7 +80,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         return _per_sequence(chunk_gated_delta_rule, q, k, v, g, beta, initial_state, output_final_state,
                              cu_seqlens, scale=scale, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
     out_dtype = v.dtype
-    q, k = _prepare(q, k, use_qk_l2norm, scale)
+    q, k = _prepare(q, k, v, use_qk_l2norm, scale)
     wd = q.dtype
     B, T, H, dk = k.shape
     dv = v.shape[-1]

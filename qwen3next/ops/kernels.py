@@ -1,24 +1,92 @@
-"""The op table the model calls. Every entry has the signature of its torch reference in this package; a GPU
-backend may replace an entry with a kernel of the same signature (`use`), and the references stay the CPU path
-and the test oracle."""
+"""The op table the model calls. Each op runs its GPU kernel when its inputs are on CUDA and the kernel is
+available (ops/cuda.py), else the torch reference (ops/*.py) — which stays the CPU path and the test oracle.
+
+QWEN3NEXT_KERNELS=torch forces the references everywhere (used to compare GPU kernels against them).
+`use(name=fn)` replaces an op outright (tests, experiments); `reset()` undoes it.
+"""
 from __future__ import annotations
 
-from .attention import causal_attention, paged_attention, write_kv  # noqa: F401
-from .conv1d import causal_conv1d  # noqa: F401
-from .gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule  # noqa: F401
-from .moe import experts_forward, route  # noqa: F401
+import os
 
-_REFERENCE = dict(globals())
+import torch
+
+from . import attention as _attn
+from . import conv1d as _conv
+from . import cuda as _cuda
+from . import gated_delta as _gdr
+from . import moe as _moe
+
+_overrides: dict = {}
+
+
+def _gpu(x) -> bool:
+    return x.is_cuda and os.environ.get("QWEN3NEXT_KERNELS", "auto") != "torch"
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, **kw):
+    if "chunk_gated_delta_rule" in _overrides:
+        return _overrides["chunk_gated_delta_rule"](q, k, v, g, beta, **kw)
+    if _gpu(q) and _cuda.has_fla() and (not _needs_grad(q, k, v, g, beta) or _cuda.fla_backward_ok()):
+        return _cuda.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
+    return _gdr.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, **kw):
+    if "recurrent_gated_delta_rule" in _overrides:
+        return _overrides["recurrent_gated_delta_rule"](q, k, v, g, beta, **kw)
+    if _gpu(q) and _cuda.has_fla():
+        return _cuda.recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
+    return _gdr.recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
+
+
+def experts_forward(x, gate_up, down, ids, weights):
+    if "experts_forward" in _overrides:
+        return _overrides["experts_forward"](x, gate_up, down, ids, weights)
+    if _gpu(x) and x.dtype == gate_up.dtype == torch.bfloat16 and _cuda.has_grouped_mm():
+        return _cuda.experts_forward(x, gate_up, down, ids, weights)
+    return _moe.experts_forward(x, gate_up, down, ids, weights)
+
+
+def causal_conv1d(x, weight, initial_state=None, **kw):
+    if "causal_conv1d" in _overrides:
+        return _overrides["causal_conv1d"](x, weight, initial_state, **kw)
+    return _conv.causal_conv1d(x, weight, initial_state, **kw)
+
+
+def causal_attention(q, k, v, scale):
+    if "causal_attention" in _overrides:
+        return _overrides["causal_attention"](q, k, v, scale)
+    return _attn.causal_attention(q, k, v, scale)   # SDPA: FlashAttention kernels on GPU
+
+
+def paged_attention(q, k_pages, v_pages, meta, scale):
+    if "paged_attention" in _overrides:
+        return _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
+    return _attn.paged_attention(q, k_pages, v_pages, meta, scale)
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping):
+    return _attn.write_kv(k_pages, v_pages, k, v, slot_mapping)
+
+
+def route(router_logits, top_k, norm_topk_prob):
+    return _moe.route(router_logits, top_k, norm_topk_prob)
+
+
+_NAMES = {"chunk_gated_delta_rule", "recurrent_gated_delta_rule", "experts_forward", "causal_conv1d",
+          "causal_attention", "paged_attention"}
 
 
 def use(**ops) -> None:
-    """Swap ops by name, e.g. use(chunk_gated_delta_rule=my_kernel)."""
     for name, fn in ops.items():
-        if name not in _REFERENCE or name.startswith("_"):
-            raise KeyError(f"unknown op {name!r}")
-        globals()[name] = fn
+        if name not in _NAMES:
+            raise KeyError(f"unknown op {name!r}; known: {sorted(_NAMES)}")
+        _overrides[name] = fn
 
 
 def reset() -> None:
-    """Back to the torch references."""
-    globals().update({k: v for k, v in _REFERENCE.items() if not k.startswith("__")})
+    _overrides.clear()

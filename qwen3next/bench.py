@@ -1,0 +1,355 @@
+"""`qwen3next bench`: Qwen3-Next-80B-A3B vs dense Qwen3-32B vs transformers, side by side, on real layer shapes.
+
+N layers of each model are built with random bf16 weights (as many as fit), timed, and scaled to the whole model:
+whole = (t_N - t_head) * L / N + t_head, where t_head (final norm + lm_head) is timed on its own. Every figure
+comes with its physical floor, from rates measured in the same run: bytes that must move / measured copy
+bandwidth (decode), FLOPs / measured bf16 matmul rate (prefill).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+
+import torch
+
+from .checkpoint import build_model
+from .config import FULL, ModelConfig, preset
+from .model.cache import BatchMeta, HybridCache
+from .model.init import init_weights
+
+
+# ---- timing and machine rates -------------------------------------------------------------------------------------
+def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of fn() over `iters` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read + written."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = cuda_time(lambda: y.copy_(x), 3, 20)
+    return 2 * x.numel() / t
+
+
+def matmul_rate() -> float:
+    """bf16 FLOP/s of an 8192^3 matrix product on random data."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = cuda_time(lambda: a @ b, 3, 10)
+    return 2 * 8192 ** 3 / t
+
+
+# ---- analytic work: FLOPs and bytes -------------------------------------------------------------------------------
+def layer_params(cfg: ModelConfig, kind: str, moe: bool) -> dict:
+    H = cfg.hidden_size
+    if kind == FULL:
+        q = H * cfg.num_attention_heads * cfg.head_dim * (2 if cfg.attn_output_gate else 1)
+        mixer = q + 2 * H * cfg.num_key_value_heads * cfg.head_dim + cfg.num_attention_heads * cfg.head_dim * H
+    else:
+        mixer = H * (2 * cfg.linear_key_dim + 2 * cfg.linear_value_dim) + H * 2 * cfg.linear_num_value_heads + \
+            cfg.linear_value_dim * H + cfg.linear_conv_dim * cfg.linear_conv_kernel_dim
+    if moe:
+        expert = 3 * H * cfg.moe_intermediate_size
+        dense = H * cfg.num_experts + 3 * H * cfg.shared_expert_intermediate_size + H
+        return {"mixer": mixer, "dense_ffn": dense, "expert": expert, "experts": cfg.num_experts,
+                "top_k": cfg.num_experts_per_tok}
+    return {"mixer": mixer, "dense_ffn": 3 * H * cfg.intermediate_size, "expert": 0, "experts": 0, "top_k": 0}
+
+
+def prefill_flops(cfg: ModelConfig, T: int) -> float:
+    """FLOPs of a T-token prefill (batch 1): weights, causal attention, chunked delta rule, lm_head for 1 token."""
+    total = 2 * cfg.hidden_size * cfg.vocab_size
+    C = 64
+    for i, kind in enumerate(cfg.layer_types):
+        p = layer_params(cfg, kind, cfg.is_moe_layer(i))
+        total += 2 * T * (p["mixer"] + p["dense_ffn"] + p["top_k"] * p["expert"])
+        if kind == FULL:
+            total += 2 * T * T * cfg.num_attention_heads * cfg.head_dim          # QK^T and PV, causal half
+        else:
+            dk, dv, Hv = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_num_value_heads
+            total += T * Hv * (2 * C * (3 * dk + 2 * dv) + 6 * dk * dv)
+    return total
+
+
+def decode_bytes(cfg: ModelConfig, batch: int, ctx: int, wbytes: int = 2) -> float:
+    """Bytes one decode step must move: weights read (routed experts: the expected number of distinct experts hit
+    by `batch` tokens), KV read, recurrent state read + written, lm_head."""
+    total = cfg.vocab_size * cfg.hidden_size * wbytes + batch * cfg.hidden_size * wbytes
+    for i, kind in enumerate(cfg.layer_types):
+        p = layer_params(cfg, kind, cfg.is_moe_layer(i))
+        hit = p["experts"] * (1 - (1 - p["top_k"] / p["experts"]) ** batch) if p["experts"] else 0
+        total += (p["mixer"] + p["dense_ffn"] + hit * p["expert"]) * wbytes
+        if kind == FULL:
+            total += batch * ctx * 2 * cfg.num_key_value_heads * cfg.head_dim * wbytes
+        else:
+            total += batch * 2 * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    return total
+
+
+# ---- our model ----------------------------------------------------------------------------------------------------
+def random_gpu_model(cfg: ModelConfig, layers: int, seed: int = 0):
+    cfg = cfg.replace(num_hidden_layers=layers, num_nextn_predict_layers=0,
+                      layer_types=cfg.layer_types[:layers] if cfg.model_type == "qwen3_next" else [])
+    model = build_model(cfg, torch.bfloat16, "cuda")
+    torch.manual_seed(seed)
+    init_weights(model)
+    return model
+
+
+def _pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+@torch.inference_mode()
+def time_prefill(model, T: int, page_size: int = 64) -> float:
+    cache = HybridCache(model.config, 1, _pages_for(T, page_size), page_size, torch.bfloat16, "cuda",
+                        include_mtp=False)
+    ids = torch.randint(0, model.config.vocab_size, (T,), device="cuda")
+    meta = BatchMeta.build([T], [0], [0], [list(range(_pages_for(T, page_size)))], page_size, "cuda")
+    keep = torch.tensor([T - 1], device="cuda")
+    return cuda_time(lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep), 2, 5)
+
+
+@torch.inference_mode()
+def time_decode(model, batch: int, ctx: int, page_size: int = 64, graph: bool = True) -> tuple[float, bool]:
+    """Seconds per decode step of `batch` sequences that each have `ctx` tokens cached (cache contents are
+    zeros: the work does not depend on the values). Captured in a CUDA graph when possible."""
+    per_seq = _pages_for(ctx + 1, page_size)
+    cache = HybridCache(model.config, batch, batch * per_seq, page_size, torch.bfloat16, "cuda", include_mtp=False)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    meta = BatchMeta.build([1] * batch, [ctx] * batch, list(range(batch)), tables, page_size, "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
+    step = lambda: model(ids, cache=cache, meta=meta)  # noqa: E731
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                step()
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                step()
+            return cuda_time(g.replay, 3, 20), True
+        except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
+            print(f"  (CUDA graph capture failed: {type(e).__name__}: {e}; timing eagerly)")
+            torch.cuda.synchronize()
+    return cuda_time(step, 3, 20), False
+
+
+@torch.inference_mode()
+def time_head(model, tokens: int) -> float:
+    h = torch.randn(1, tokens, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    return cuda_time(lambda: model.lm_head(model.model.norm(h)), 3, 10)
+
+
+# ---- transformers peer --------------------------------------------------------------------------------------------
+def hf_model(cfg: ModelConfig, layers: int):
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    d = cfg.replace(num_hidden_layers=layers, layer_types=cfg.layer_types[:layers]).to_hf_dict()
+    for k in ("architectures", "model_type", "num_nextn_predict_layers", "rope_theta", "rope_scaling",
+              "partial_rotary_factor", "extra"):
+        d.pop(k, None)
+    hcfg = Qwen3NextConfig(**d)
+    with torch.device("cuda"):
+        m = Qwen3NextForCausalLM(hcfg)
+    return m.to(torch.bfloat16).eval()
+
+
+@torch.inference_mode()
+def time_hf_prefill(m, T: int) -> float:
+    ids = torch.randint(0, m.config.vocab_size, (1, T), device="cuda")
+    return cuda_time(lambda: m(ids, use_cache=False, logits_to_keep=1), 1, 3)
+
+
+@torch.inference_mode()
+def time_hf_decode(m, ctx: int, steps: int = 10) -> float:
+    ids = torch.randint(0, m.config.vocab_size, (1, ctx), device="cuda")
+    out = m(ids, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    tok = ids[:, -1:]
+    pos = ctx
+
+    def step():
+        nonlocal pos
+        m(tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]], device="cuda"))
+        pos += 1
+    return cuda_time(step, 2, steps)
+
+
+# ---- the run ------------------------------------------------------------------------------------------------------
+def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=(16, 64),
+        with_transformers: bool = True, out_dir: str = "benchmarks/results", log=print) -> dict:
+    if not torch.cuda.is_available():
+        raise RuntimeError("qwen3next bench needs a CUDA GPU")
+    dev = torch.cuda.get_device_name()
+    next_cfg, dense_cfg = preset("qwen3-next-80b-a3b"), preset("qwen3-32b")
+    res: dict = {"date": datetime.date.today().isoformat(), "device": dev, "torch": torch.__version__,
+                 "layers_measured": {"qwen3_next": layers, "qwen3_32b_dense": dense_layers},
+                 "layers_full": {"qwen3_next": next_cfg.num_hidden_layers, "qwen3_32b_dense": dense_cfg.num_hidden_layers}}
+    bw, flops = copy_bandwidth(), matmul_rate()
+    res["machine"] = {"copy_bandwidth_GBps": bw / 1e9, "bf16_matmul_TFLOPs": flops / 1e12}
+    log(f"{dev}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+
+    def measure(cfg, n, name):
+        m = random_gpu_model(cfg, n)
+        L = cfg.num_hidden_layers
+        r: dict = {"prefill": {}, "decode": {}}
+        for T in contexts:
+            t, th = time_prefill(m, T), time_head(m, 1)
+            whole = (t - th) * L / n + th
+            floor = prefill_flops(cfg, T) / flops
+            r["prefill"][T] = {"ms_measured": t * 1e3, "ms_whole": whole * 1e3, "tok_s_whole": T / whole,
+                               "floor_ms_whole": floor * 1e3, "over_floor": whole / floor}
+            log(f"  {name} prefill {T}: {T / whole:,.0f} tok/s whole-model ({whole / floor:.2f}x floor)")
+        for B in (1, *batches):
+            for ctx in (contexts if B == 1 else contexts[:1]):
+                t, graphed = time_decode(m, B, ctx)
+                th = time_head(m, B)
+                whole = (t - th) * L / n + th
+                floor = decode_bytes(cfg, B, ctx) / bw
+                r["decode"][f"b{B}_ctx{ctx}"] = {"ms_step_measured": t * 1e3, "ms_step_whole": whole * 1e3,
+                                                 "tok_s_whole": B / whole, "floor_ms_whole": floor * 1e3,
+                                                 "over_floor": whole / floor, "cuda_graph": graphed}
+                log(f"  {name} decode b{B} ctx{ctx}: {whole * 1e3:.2f} ms/step whole-model, {B / whole:,.0f} tok/s "
+                    f"({whole / floor:.2f}x floor, graph={graphed})")
+        del m
+        torch.cuda.empty_cache()
+        return r
+
+    log("Qwen3-Next-80B-A3B (ours)")
+    res["ours_next"] = measure(next_cfg, layers, "next")
+    log("dense Qwen3-32B (ours, same code paths)")
+    res["ours_dense"] = measure(dense_cfg, dense_layers, "dense")
+    if with_transformers:
+        log(f"transformers Qwen3-Next, {layers} layers")
+        try:
+            m = hf_model(next_cfg, layers)
+            T = contexts[0]
+            res["transformers_next"] = {"prefill_ms": time_hf_prefill(m, T) * 1e3, "prefill_T": T,
+                                        "decode_b1_ms": time_hf_decode(m, T) * 1e3, "decode_ctx": T,
+                                        "layers": layers}
+            log(f"  transformers prefill {T}: {res['transformers_next']['prefill_ms']:.1f} ms, decode b1: "
+                f"{res['transformers_next']['decode_b1_ms']:.1f} ms/step ({layers} layers)")
+            del m
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - the peer's failure is reported, not fatal
+            res["transformers_next"] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"  transformers failed: {e}")
+    res["ratios"] = ratios(res, contexts)
+    res["table"] = markdown_table(res, contexts, batches)
+    log(res["table"])
+    save(res, out_dir)
+    return res
+
+
+def ratios(res: dict, contexts) -> dict:
+    on, od = res["ours_next"], res["ours_dense"]
+    c0, c1 = contexts[0], contexts[-1]
+    r = {
+        "prefill_4k_vs_dense": od["prefill"][c0]["ms_whole"] / on["prefill"][c0]["ms_whole"],
+        "prefill_32k_vs_dense": od["prefill"][c1]["ms_whole"] / on["prefill"][c1]["ms_whole"],
+        "decode_4k_vs_dense": od["decode"][f"b1_ctx{c0}"]["ms_step_whole"] / on["decode"][f"b1_ctx{c0}"]["ms_step_whole"],
+        "decode_32k_vs_dense": od["decode"][f"b1_ctx{c1}"]["ms_step_whole"] / on["decode"][f"b1_ctx{c1}"]["ms_step_whole"],
+        "decode_b1_over_floor": on["decode"][f"b1_ctx{c0}"]["over_floor"],
+        "dense_decode_b1_over_floor": od["decode"][f"b1_ctx{c0}"]["over_floor"],
+    }
+    for key in on["decode"]:
+        if not key.startswith("b1_"):
+            r[f"decode_{key}_tok_s_vs_dense"] = on["decode"][key]["tok_s_whole"] / od["decode"][key]["tok_s_whole"]
+    hf = res.get("transformers_next", {})
+    if "prefill_ms" in hf:
+        r["prefill_vs_transformers"] = hf["prefill_ms"] / on["prefill"][c0]["ms_measured"]
+        r["decode_vs_transformers"] = hf["decode_b1_ms"] / on["decode"][f"b1_ctx{c0}"]["ms_step_measured"]
+    return r
+
+
+def markdown_table(res: dict, contexts, batches) -> str:
+    on, od = res["ours_next"], res["ours_dense"]
+    rows = ["| measurement (whole model, scaled) | Qwen3-Next-80B-A3B (ours) | ÷ floor | dense Qwen3-32B (ours) | ÷ floor | Next vs dense |",
+            "|---|---|---|---|---|---|"]
+    for T in contexts:
+        a, b = on["prefill"][T], od["prefill"][T]
+        rows.append(f"| prefill {T // 1024}K, tokens/s | {a['tok_s_whole']:,.0f} | {a['over_floor']:.2f} | "
+                    f"{b['tok_s_whole']:,.0f} | {b['over_floor']:.2f} | {b['ms_whole'] / a['ms_whole']:.2f}× |")
+    for key in on["decode"]:
+        a, b = on["decode"][key], od["decode"][key]
+        B, ctx = key[1:].split("_ctx")
+        label = f"decode b{B} @{int(ctx) // 1024}K, " + ("ms/token" if B == "1" else "tokens/s")
+        va = f"{a['ms_step_whole']:.2f}" if B == "1" else f"{a['tok_s_whole']:,.0f}"
+        vb = f"{b['ms_step_whole']:.2f}" if B == "1" else f"{b['tok_s_whole']:,.0f}"
+        rows.append(f"| {label} | {va} | {a['over_floor']:.2f} | {vb} | {b['over_floor']:.2f} | "
+                    f"{b['ms_step_whole'] / a['ms_step_whole']:.2f}× |")
+    hf = res.get("transformers_next", {})
+    if "prefill_ms" in hf:
+        rows.append(f"| vs transformers ({hf['layers']} layers): prefill {hf['prefill_T'] // 1024}K | "
+                    f"{on['prefill'][contexts[0]]['ms_measured']:.1f} ms | | transformers {hf['prefill_ms']:.1f} ms | | "
+                    f"{res['ratios']['prefill_vs_transformers']:.2f}× |")
+        rows.append(f"| vs transformers ({hf['layers']} layers): decode b1 @{hf['decode_ctx'] // 1024}K | "
+                    f"{on['decode'][f'b1_ctx{contexts[0]}']['ms_step_measured']:.2f} ms | | transformers "
+                    f"{hf['decode_b1_ms']:.2f} ms | | {res['ratios']['decode_vs_transformers']:.2f}× |")
+    return "\n".join(rows)
+
+
+def save(res: dict, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    slug = res["device"].lower().replace("nvidia", "").strip().replace(" ", "-")
+    path = os.path.join(out_dir, f"{res['date']}-{slug}.json")
+    for p in (path, os.path.join(out_dir, "latest.json")):
+        with open(p, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+    with open(os.path.join(out_dir, "latest.md"), "w") as f:
+        f.write(f"{res['date']}, {res['device']}, torch {res['torch']}\n\n{res['table']}\n")
+    try:
+        plot(res, os.path.join(out_dir, "latest.png"))
+    except Exception as e:  # noqa: BLE001 - the plot is a nicety
+        print(f"(no plot: {e})")
+    return path
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    on, od = res["ours_next"], res["ours_dense"]
+    labels, nx, dn, fl = [], [], [], []
+    for T, a in on["prefill"].items():
+        labels.append(f"prefill {int(T) // 1024}K")
+        nx.append(a["tok_s_whole"])
+        dn.append(od["prefill"][T]["tok_s_whole"])
+        fl.append(int(T) / (a["floor_ms_whole"] / 1e3))
+    for key, a in on["decode"].items():
+        labels.append(key.replace("_ctx", " @").replace("b", "decode b", 1))
+        nx.append(a["tok_s_whole"])
+        dn.append(od["decode"][key]["tok_s_whole"])
+        fl.append(a["tok_s_whole"] * a["over_floor"])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    x = range(len(labels))
+    ax.bar([i - 0.27 for i in x], nx, 0.27, label="Qwen3-Next-80B-A3B (ours)")
+    ax.bar(list(x), dn, 0.27, label="dense Qwen3-32B (ours)")
+    ax.bar([i + 0.27 for i in x], fl, 0.27, label="Qwen3-Next physical limit", alpha=0.35)
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), labels, rotation=20)
+    ax.set_ylabel("tokens/s (whole model, log scale)")
+    ax.set_title(f"{res['device']}, {res['date']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
