@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(s)
     s.set_defaults(fn=_cmd_chat)
 
+    from .server.run import add_serve_args, serve_main   # imports no web framework until it runs
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    add_serve_args(s)
+    s.set_defaults(fn=serve_main)
+
     s = sub.add_parser("bench", help="GPU: Qwen3-Next-80B-A3B vs dense Qwen3-32B vs transformers on real shapes")
     s.add_argument("--layers", type=int, default=8, help="Qwen3-Next layers to build (scaled to 48)")
     s.add_argument("--dense-layers", type=int, default=8, help="Qwen3-32B layers to build (scaled to 64)")

@@ -63,6 +63,7 @@ class AsyncEngine:
             await accepted
         except BaseException:
             self._streams.pop(request_id, None)
+            self._post(("abort", request_id))   # the add may already be in: never leave it running unheard
             raise
         finished = False
         try:
@@ -125,7 +126,9 @@ class AsyncEngine:
                     except RuntimeError:
                         self.engine.abort(rid)
                 else:
-                    self.engine.abort(item[1])
+                    out = self.engine.abort(item[1])
+                    if out is not None:
+                        self._deliver(out)      # a consumer still listening sees its request end
             if not self.engine.has_unfinished():
                 continue
             try:

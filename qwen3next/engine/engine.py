@@ -7,6 +7,7 @@ per-request random generators.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import math
 import os
 import time
@@ -30,8 +31,8 @@ class EngineStats:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.finished_requests = 0
-        self.ttft: list[float] = []          # recent time-to-first-token samples (s)
-        self.tpot: list[float] = []          # recent time-per-output-token samples (s)
+        self.ttft: deque[float] = deque(maxlen=1000)   # recent time-to-first-token samples (s)
+        self.tpot: deque[float] = deque(maxlen=1000)   # recent time-per-output-token samples (s)
 
 
 class LLMEngine:

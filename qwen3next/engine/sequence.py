@@ -89,7 +89,7 @@ class Sequence:
     def to_output(self) -> RequestOutput:
         comp = CompletionOutput(0, self.text, list(self.output_token_ids),
                                 self.cumulative_logprob if self.logprobs is not None else None,
-                                self.logprobs, self.finish_reason, self.stop_reason, self.delta_text,
+                                list(self.logprobs) if self.logprobs is not None else None, self.finish_reason, self.stop_reason, self.delta_text,
                                 list(self.delta_token_ids))
         metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                    "finish_time": self.finish_time, "num_preemptions": self.num_preemptions}
