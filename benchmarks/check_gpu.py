@@ -133,6 +133,27 @@ def check_moe():
         record(f"grouped-mm experts N={N} (bf16 vs fp32 loop)", rel(a, b), 2e-2)
 
 
+def check_paged_decode():
+    from qwen3next.model.cache import BatchMeta
+    from qwen3next.ops.attention import paged_attention
+    from qwen3next.ops.triton_attention import paged_decode_attention
+    torch.manual_seed(0)
+    for Hq, Hkv, D, page, ctxs in ((16, 2, 256, 64, [1, 100, 4096, 777]), (64, 8, 128, 16, [5] * 3 + [3000])):
+        pps = [-(-c // page) for c in ctxs]
+        n = sum(pps) + 5
+        kp = torch.randn(n, page, Hkv, D, device="cuda").bfloat16()
+        vp = torch.randn(n, page, Hkv, D, device="cuda").bfloat16()
+        perm, tables, i = torch.randperm(n).tolist(), [], 0
+        for c in pps:
+            tables.append(perm[i:i + c])
+            i += c
+        meta = BatchMeta.build([1] * len(ctxs), [c - 1 for c in ctxs], list(range(len(ctxs))), tables, page, "cuda")
+        q = torch.randn(len(ctxs), Hq, D, device="cuda").bfloat16()
+        out = paged_decode_attention(q, kp, vp, meta.page_table, meta.context_lens, meta.max_context_len, D ** -0.5)
+        ref = paged_attention(q.float(), kp.float(), vp.float(), meta, D ** -0.5)
+        record(f"triton paged decode attention Hq{Hq}/Hkv{Hkv} D{D} page{page}", rel(out, ref), 2e-2)
+
+
 def check_end_to_end():
     cfg = ModelConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
@@ -169,6 +190,7 @@ def main():
     t = time.time()
     check_gdn()
     check_moe()
+    check_paged_decode()
     check_end_to_end()
     n_fail = sum(not r["ok"] for r in ROWS)
     print(f"{len(ROWS) - n_fail} passed, {n_fail} failed  ({time.time() - t:.0f}s)")

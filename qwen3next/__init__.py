@@ -10,4 +10,8 @@ from .engine.llm import LLM  # noqa: F401
 from .tokenizer import load_tokenizer  # noqa: F401
 
 __version__ = "0.1.0"
-DEFAULT_MODEL: str | None = None   # path of the embedded default model, once one ships with the package
+import os as _os
+
+# The embedded default model: a small Qwen3-Next trained by this package on the Python standard library
+# (docs/default_model.md). load_model(None), LLM(), and the CLI use it when no model is given.
+DEFAULT_MODEL: str = _os.path.join(_os.path.dirname(__file__), "default_model")

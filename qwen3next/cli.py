@@ -69,12 +69,26 @@ def _cmd_generate(args) -> int:
     if args.chat:
         prompt = llm.render_chat([{"role": "user", "content": prompt}], enable_thinking=args.thinking)
     out = None
+    parser = None
+    if args.chat:   # split <think>…</think> off the answer; show the reasoning dimmed on a terminal
+        from .parsers import ReasoningParser
+        parser = ReasoningParser(starts_in_reasoning=prompt.rstrip().endswith("<think>"))
+    dim, reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+
+    def show(reasoning: str, content: str) -> None:
+        if reasoning.strip():
+            sys.stdout.write(f"{dim}{reasoning}{reset}")
+        sys.stdout.write(content)
+        sys.stdout.flush()
+
     try:
         for out in llm.stream(prompt, params):
-            sys.stdout.write(out.outputs[0].delta_text)
-            sys.stdout.flush()
+            delta = out.outputs[0].delta_text
+            show(*parser.feed(delta)) if parser else show("", delta)
     except KeyboardInterrupt:
         pass
+    if parser:
+        show(*parser.flush())
     sys.stdout.write("\n")
     if out is not None and args.verbose:
         o = out.outputs[0]
@@ -114,6 +128,11 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _missing(e: ImportError) -> int:
+    print(f"qwen3next serve: error: {e} (pip install fastapi uvicorn prometheus-client)", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     p = argparse.ArgumentParser(prog="qwen3next", description="Qwen3-Next in plain PyTorch: models, training, serving.")
@@ -142,10 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(s)
     s.set_defaults(fn=_cmd_chat)
 
-    from .server.run import add_serve_args, serve_main   # imports no web framework until it runs
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
-    add_serve_args(s)
-    s.set_defaults(fn=serve_main)
+    try:
+        from .server.run import add_serve_args, serve_main
+        add_serve_args(s)
+        s.set_defaults(fn=serve_main)
+    except ImportError as e:   # a machine without the server's dependencies still gets every other command
+        s.set_defaults(fn=lambda a, e=e: _missing(e))
 
     s = sub.add_parser("bench", help="GPU: Qwen3-Next-80B-A3B vs dense Qwen3-32B vs transformers on real shapes")
     s.add_argument("--layers", type=int, default=8, help="Qwen3-Next layers to build (scaled to 48)")
@@ -156,6 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plot go")
     s.set_defaults(fn=_cmd_bench)
 
+    s = sub.add_parser("train", help="train a model from a TOML/YAML config (docs/training.md)")
+    s.add_argument("config", help="TOML or YAML training config, e.g. configs/default-model.toml")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. optim.lr=1e-3")
+    s.set_defaults(fn=lambda a: __import__("qwen3next.train", fromlist=["train_main"]).train_main(a.config, a.overrides))
+
+    s = sub.add_parser("data", help="training data: corpus | tokenizer | prepare | default", add_help=False)
+    s.add_argument("argv", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=lambda a: __import__("qwen3next.train", fromlist=["data_main"]).data_main(a.argv))
+
     s = sub.add_parser("info", help="shape and parameter count of a checkpoint or preset (reads no weights)")
     s.add_argument("model", help="checkpoint directory or preset name")
     s.set_defaults(fn=_cmd_info)
@@ -163,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["data"]:          # its own sub-commands and --help live in qwen3next.train
+        from .train import data_main
+        return data_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -2,6 +2,7 @@
 
 - Gated delta rule: flash-linear-attention's Triton kernels (`fla-core`), chunked for prefill/training (with its
   backward) and fused-recurrent for decode. q/k are l2-normalised inside the kernel.
+- Paged decode attention: ops/triton_attention.py (flash-decoding over the KV pages, no gathered copy).
 - Routed experts: tokens sorted by expert, then two grouped GEMMs (`torch._grouped_mm`, Hopper+, bf16) — no
   per-expert Python loop, no host sync (capturable in a CUDA graph), and only the experts that received tokens
   are read.
@@ -21,6 +22,15 @@ def has_fla() -> bool:
         import fla.ops.gated_delta_rule  # noqa: F401
         return True
     except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+
+
+@functools.cache
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
         return False
 
 

@@ -66,6 +66,10 @@ def causal_attention(q, k, v, scale):
 def paged_attention(q, k_pages, v_pages, meta, scale):
     if "paged_attention" in _overrides:
         return _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
+    if _gpu(q) and meta.is_decode and _cuda.has_triton():
+        from .triton_attention import paged_decode_attention
+        return paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens,
+                                      meta.max_context_len, scale)
     return _attn.paged_attention(q, k_pages, v_pages, meta, scale)
 
 

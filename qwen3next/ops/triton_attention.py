@@ -1,0 +1,79 @@
+"""Paged decode attention in Triton (flash-decoding): one query token per sequence reads its keys and values
+straight from the KV pages — no gathered copy of the cache — split along the context so that even one sequence
+keeps every SM busy; the splits are merged with their log-sum-exp weights.
+
+Reference: ops.attention.paged_attention (decode branch); benchmarks/check_gpu.py compares the two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, PT, CTX, O, M, L, scale, stride_qs, stride_qh, stride_kr, stride_kh,
+                         stride_pts, table_width, stride_os, stride_oh, stride_osp, stride_ms, stride_mh,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
+                         PAGES_PER_SPLIT: tl.constexpr):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(CTX + s)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    g_ok = g < G
+    q = tl.load(Q + s * stride_qs + (kvh * G + g)[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    offs = tl.arange(0, PAGE)
+    for i in range(PAGES_PER_SPLIT):
+        pg = split * PAGES_PER_SPLIT + i
+        tok = pg * PAGE + offs
+        valid = (tok < ctx) & (pg < table_width)
+        page_id = tl.load(PT + s * stride_pts + pg, mask=pg < table_width, other=0)
+        rows = page_id * PAGE + offs
+        k = tl.load(K + rows[:, None] * stride_kr + kvh * stride_kh + d[None, :], mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)       # a split past the context sees no keys
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        v = tl.load(V + rows[:, None] * stride_kr + kvh * stride_kh + d[None, :], mask=valid[:, None], other=0.0)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = m_new
+    h = kvh * G + g
+    tl.store(O + s * stride_os + h[:, None] * stride_oh + split * stride_osp + d[None, :], acc, mask=g_ok[:, None])
+    tl.store(M + s * stride_ms + h * stride_mh + split, m, mask=g_ok)
+    tl.store(L + s * stride_ms + h * stride_mh + split, l, mask=g_ok)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
+                           context_lens: torch.Tensor, max_context_len: int, scale: float,
+                           target_programs: int = 264) -> torch.Tensor:
+    """q [S, Hq, D] (one token per sequence) -> [S, Hq, D]. `max_context_len` (a host int) sizes the splits."""
+    S, Hq, D = q.shape
+    num_pages, page, Hkv, _ = k_pages.shape
+    G = Hq // Hkv
+    pages_total = max(1, -(-max_context_len // page))
+    splits = max(1, min(pages_total, -(-target_programs // (S * Hkv))))
+    per_split = -(-pages_total // splits)
+    splits = -(-pages_total // per_split)
+    o = torch.empty(S, Hq, splits, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(S, Hq, splits, device=q.device, dtype=torch.float32)
+    l_ = torch.empty_like(m)
+    kf, vf = k_pages.view(-1, Hkv, D), v_pages.view(-1, Hkv, D)
+    pt = page_table.to(torch.int32)
+    ctx = context_lens.to(torch.int32)
+    _decode_split_kernel[(S, Hkv, splits)](
+        q, kf, vf, pt, ctx, o, m, l_, scale, q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), pt.stride(0),
+        pt.shape[1], o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
+        G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=page, PAGES_PER_SPLIT=per_split)
+    # merge the splits: softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i
+    M = m.max(dim=-1, keepdim=True).values
+    w = torch.exp(m - M)
+    out = (o * w[..., None]).sum(2) / (l_ * w).sum(-1, keepdim=True)
+    return out.to(q.dtype)
