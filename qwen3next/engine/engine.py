@@ -7,6 +7,7 @@ per-request random generators.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 import math
 import os
@@ -23,6 +24,8 @@ from .scheduler import Scheduler
 from .sequence import RequestOutput, Sequence, Status
 from .stop import StopChecker
 
+log = logging.getLogger("qwen3next.engine")
+
 
 class EngineStats:
     """Counters the server exports as metrics."""
@@ -38,7 +41,8 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, num_kv_pages: int | None = None, page_size: int = 16,
-                 kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None):
+                 kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None,
+                 speculative_tokens: int = 0, speculative_disable_batch_size: int = 16):
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -53,7 +57,15 @@ class LLMEngine:
         self.max_model_len = min(max_model_len, num_kv_pages * page_size)
         self.cache = CacheManager(max_num_seqs, num_kv_pages, page_size)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size)
+        self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size, include_mtp=speculative_tokens > 0)
+        self.speculator = None
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
+        if speculative_tokens:
+            from .speculative import Speculator
+            self.speculator = Speculator(model, self.runner.cache, speculative_tokens, page_size,
+                                         speculative_disable_batch_size)
+            self.scheduler.on_preempt = self.speculator.forget
         self.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.generation_config = generation_config or {}
         gen_eos = self.generation_config.get("eos_token_id")
@@ -131,16 +143,57 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- one step -------------------------------------------------------------------------------------------------
+    def _plan_drafts(self) -> None:
+        spec = self.speculator
+        decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed == 1]
+        k = spec.drafts_for(len(decoding)) if decoding else 0
+        for s in self.scheduler.running:
+            ok = k and s.num_tokens - s.num_computed == 1 and spec.eligible(s)
+            s.spec_k = max(0, min(k, self.max_model_len - s.num_tokens)) if ok else 0
+
     def step(self) -> list[RequestOutput]:
+        spec = self.speculator
+        if spec is not None:
+            self._plan_drafts()
         batch = self.scheduler.schedule()
         if not batch:
             return []
         for s in batch.seqs:
             s.delta_text, s.delta_token_ids = "", []
-        logits, rows = self.runner.forward(batch)
-        for s, n in zip(batch.seqs, batch.num_tokens):
-            s.num_computed += n
+        if spec is not None:
+            drafting = [s for s in batch.seqs if s.spec_k > 0]
+            if drafting:
+                spec.draft(drafting, self.generator)
+        logits, row_of, hidden = self.runner.forward(batch)
+        rows, verified, offset = [], [], 0
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
+            if s.spec_k and s.draft_tokens:
+                verified.append((i, s, offset))
+            else:
+                s.num_computed += n
+                if spec is not None:
+                    spec.record(s, hidden[offset:offset + n])
+                if i in row_of:
+                    rows.append(i)
+            offset += n
+        for i, s, off in verified:   # accept drafts, commit the GDN state after the last kept token
+            toks = spec.accept(s, logits[row_of[i]], self.generator)
+            self.runner.cache.commit_step_states(i, s.slot, len(toks) - 1)
+            s.num_computed += len(toks)
+            spec.record(s, hidden[off:off + len(toks)])
+            now = time.monotonic()
+            for t in toks:
+                self._append(s, t, 0.0, [], [], now)
+                if s.is_finished:
+                    break
+        if verified:
+            if spec.stats.verify_steps // 500 != (spec.stats.verify_steps - len(verified)) // 500:
+                log.info("speculative decoding: %s", spec.stats.as_dict())
+            self.runner.cache.clear_step_states()
+            for _, s, _ in verified:
+                s.spec_k, s.draft_tokens, s.draft_probs = 0, [], None
         if rows:
+            logits = logits[[row_of[i].start for i in rows]]
             seqs = [batch.seqs[i] for i in rows]
             st = SamplingTensors.from_params([s.params for s in seqs], [s.output_token_ids for s in seqs],
                                              [s.prompt_token_ids for s in seqs], [s.generator for s in seqs],
@@ -213,13 +266,19 @@ class LLMEngine:
             self.stats.tpot.append((s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1))
         self.stats.finished_requests += 1
         self.scheduler.finish(s)
+        if self.speculator is not None:
+            self.speculator.forget(s)
 
     # ---- introspection --------------------------------------------------------------------------------------------
+    def speculative_stats(self) -> dict | None:
+        return None if self.speculator is None else self.speculator.stats.as_dict()
+
     def usage(self) -> dict:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "slots_used": self.cache.slots_used, "slots_total": self.cache.num_slots,
                 "pages_used": self.cache.pages_used, "pages_total": self.cache.num_pages,
-                "preemptions": self.scheduler.num_preemptions}
+                "preemptions": self.scheduler.num_preemptions,
+                **({"speculative": self.speculative_stats()} if self.speculator is not None else {})}
 
 
 def read_generation_config(path: str | None) -> dict:

@@ -25,7 +25,8 @@ def default_device() -> str:
 class LLM:
     def __init__(self, model: str | None = None, tokenizer: str | None = None, skip_tokenizer_init: bool = False,
                  dtype: str | torch.dtype = "auto", device: str | None = None, seed: int = 0, **engine_args):
-        """engine_args: max_num_seqs, max_model_len, max_num_batched_tokens, num_kv_pages, page_size, kv_cache_gib."""
+        """engine_args: max_num_seqs, max_model_len, max_num_batched_tokens, num_kv_pages, page_size, kv_cache_gib,
+        speculative_tokens (k MTP drafts per step, 0 = off), speculative_disable_batch_size."""
         if model is None:
             from .. import DEFAULT_MODEL
             if DEFAULT_MODEL is None:
@@ -48,6 +49,10 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def speculative_stats(self) -> dict | None:
+        """Acceptance of MTP speculative decoding (None when it is off)."""
+        return self.engine.speculative_stats()
 
     def get_default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()

@@ -12,27 +12,37 @@ from .scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model, num_slots: int, num_pages: int, page_size: int):
+    def __init__(self, model, num_slots: int, num_pages: int, page_size: int, include_mtp: bool = False):
         self.model = model
         p = model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         self.cache = HybridCache(model.config, num_slots, num_pages, page_size, self.dtype, self.device,
-                                 include_mtp=False)
+                                 include_mtp=include_mtp)
         self.page_size = page_size
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Returns (logits [R, V] in fp32, indices into batch.seqs of the R rows that get a new token)."""
+    def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, dict[int, slice], torch.Tensor]:
+        """Returns (logits [R, V] in fp32, {seq index: its rows in logits}, hidden [N, H] of every token).
+
+        A sequence gets logits rows when its last known token is in this step: one row, or 1 + k rows when it
+        verifies k drafts (its drafts are appended to its tokens, and the GDN states after each are kept)."""
         seqs, counts = batch.seqs, batch.num_tokens
-        ids = [t for s, n in zip(seqs, counts) for t in s.token_slice(s.num_computed, s.num_computed + n)]
+        ids, keep, rows, r = [], [], {}, 0
+        offset = 0
+        for i, (s, n) in enumerate(zip(seqs, counts)):
+            d = s.draft_tokens if s.spec_k else []
+            ids += s.token_slice(s.num_computed, s.num_computed + n - len(d)) + d
+            want = (len(d) + 1) if s.num_computed + n - len(d) == s.num_tokens else 0
+            keep += range(offset + n - want, offset + n)
+            if want:
+                rows[i] = slice(r, r + want)
+                r += want
+            offset += n
+        spec = [bool(s.spec_k and s.draft_tokens) for s in seqs]
         meta = BatchMeta.build(counts, [s.num_computed for s in seqs], [s.slot for s in seqs],
-                               [s.pages for s in seqs], self.page_size, self.device)
-        sample_rows = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.num_computed + n == s.num_tokens]
-        if not sample_rows:
-            keep = torch.zeros(0, dtype=torch.long, device=self.device)
-        else:
-            ends = meta.cu_seqlens[1:] - 1
-            keep = ends[torch.tensor(sample_rows, device=self.device)]
+                               [s.pages for s in seqs], self.page_size, self.device,
+                               keep_step_states=spec if any(spec) else None)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        out = self.model(input_ids, cache=self.cache, meta=meta, logits_to_keep=keep)
-        return out.logits.float(), sample_rows
+        out = self.model(input_ids, cache=self.cache, meta=meta,
+                         logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
+        return out.logits.float(), rows, out.hidden_states

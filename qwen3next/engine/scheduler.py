@@ -34,6 +34,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.on_preempt = None                   # callback (the speculator forgets a preempted sequence)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -53,6 +54,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_k = 0
+        if self.on_preempt is not None:
+            self.on_preempt(seq)
         self.cache.free(seq)
         seq.num_computed = 0
         seq.num_preemptions += 1
@@ -67,9 +71,12 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:          # preempted below to make room for an older sequence
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            remaining = seq.num_tokens - seq.num_computed
+            # a decoding sequence with drafts verifies them in the same step: 1 + spec_k tokens
+            n = min(remaining + (seq.spec_k if remaining == 1 else 0), budget)
             if n <= 0:
                 break
+            seq.spec_k = n - 1 if remaining == 1 else 0
             while not self.cache.can_allocate(seq, n):
                 victims = [s for s in self.running if s is not seq and s not in batch.seqs]
                 self._preempt(victims[-1] if victims else seq)
@@ -88,6 +95,7 @@ class Scheduler:
             if not self.cache.can_allocate(seq, n):
                 break
             self.waiting.popleft()
+            seq.spec_k = 0
             self.cache.allocate(seq, n)
             seq.status = Status.RUNNING
             self.running.append(seq)

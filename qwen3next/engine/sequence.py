@@ -68,6 +68,10 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     error: str | None = None
+    # speculative decoding: drafts to verify in this step
+    spec_k: int = 0
+    draft_tokens: list[int] = field(default_factory=list)
+    draft_probs: object | None = None
     # what the last step added, for streaming
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

@@ -8,7 +8,7 @@ the engine's business.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,7 @@ class BatchMeta:
     start_positions: list[int]
     page_size: int
     max_context_len: int         # key length the attention pads to (>= every context_lens entry)
+    keep_step_states: list[bool] | None = None   # speculative verification: keep GDN states after every token
 
     @property
     def num_seqs(self) -> int:
@@ -47,7 +48,8 @@ class BatchMeta:
 
     @classmethod
     def build(cls, q_lens: list[int], start_positions: list[int], slots: list[int], page_table: list[list[int]],
-              page_size: int, device="cpu", pad_context_to: int | None = None) -> "BatchMeta":
+              page_size: int, device="cpu", pad_context_to: int | None = None,
+              keep_step_states: list[bool] | None = None) -> "BatchMeta":
         """`pad_context_to`: fix the attention key length (a CUDA graph captured for a context bucket)."""
         if not q_lens or any(n < 1 for n in q_lens):
             raise ValueError(f"every sequence in a batch needs at least one new token, got q_lens={q_lens}")
@@ -73,13 +75,15 @@ class BatchMeta:
                 t(rows), t(seq_of), t(idx)]
         dev = [x.to(device, non_blocking=True) for x in host]
         return cls(*dev, q_lens=list(q_lens), start_positions=list(start_positions), page_size=page_size,
-                   max_context_len=max_ctx)
+                   max_context_len=max_ctx, keep_step_states=keep_step_states)
 
 
 @dataclass
 class GDNState:
     conv: torch.Tensor           # [num_slots, conv_dim, K-1]
     recurrent: torch.Tensor      # [num_slots, Hv, dk, dv], fp32
+    # after a speculative verification step: sequence index -> (conv [T, C, K-1], recurrent [T, Hv, dk, dv])
+    steps: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +114,20 @@ class HybridCache:
 
     def __getitem__(self, i: int):
         return self.layers[i]
+
+    def commit_step_states(self, seq_index: int, slot: int, keep: int) -> None:
+        """After speculative verification: the slot of sequence `seq_index` takes the state after its token
+        `keep` (0 = only the token before the drafts), from what the verify step kept."""
+        for layer in self.layers:
+            if isinstance(layer, GDNState) and seq_index in layer.steps:
+                conv, rec = layer.steps[seq_index]
+                layer.conv[slot] = conv[keep].to(layer.conv.dtype)
+                layer.recurrent[slot] = rec[keep].to(layer.recurrent.dtype)
+
+    def clear_step_states(self) -> None:
+        for layer in self.layers:
+            if isinstance(layer, GDNState):
+                layer.steps = {}
 
     def zero_slots(self, slots) -> None:
         """A slot handed to a new sequence starts from a zero state."""

@@ -6,11 +6,15 @@ in_proj_ba rows per key head g: [b_{rg..} (r) | a_{rg..} (r)]. The short conv ru
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops import conv1d as conv_ops
+from ..ops import gated_delta as gdr_ops
 from ..ops import kernels
 from ..ops.fused import cuda_fused
 from .cache import BatchMeta, GDNState
@@ -54,6 +58,12 @@ class GatedDeltaNet(nn.Module):
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         return mixed, z.reshape(B, T, self.hv, self.dv), b.reshape(B, T, self.hv), a.reshape(B, T, self.hv)
 
+    def _heads(self, mixed: torch.Tensor):
+        Bm, Tm, _ = mixed.shape
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        return (q.reshape(Bm, Tm, self.hk, self.dk),          # the op maps value head j to key head j // r
+                k.reshape(Bm, Tm, self.hk, self.dk), v.reshape(Bm, Tm, self.hv, self.dv))
+
     def forward(self, x: torch.Tensor, state: GDNState | None = None, meta: BatchMeta | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         mixed, z, b, a = self._project(x)
@@ -63,18 +73,17 @@ class GatedDeltaNet(nn.Module):
             fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
             conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
             rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
+            if meta.keep_step_states is not None and any(meta.keep_step_states):
+                o = self._forward_keeping_steps(mixed, b, a, conv_w, conv0, rec0, state, meta)
+                return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
             if meta.is_decode:                         # one token per sequence: a plain batch of S sequences
                 mixed, z, b, a = (t.transpose(0, 1) for t in (mixed, z, b, a))
             else:
                 cu = meta.cu_seqlens
         mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu)
-        Bm, Tm, _ = mixed.shape
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(Bm, Tm, self.hk, self.dk)          # the op maps value head j to key head j // r
-        k = k.reshape(Bm, Tm, self.hk, self.dk)
-        v = v.reshape(Bm, Tm, self.hv, self.dv)
+        q, k, v = self._heads(mixed)
         beta, g = gdn_gates(b, a, self.A_log, self.dt_bias)
-        rule = kernels.recurrent_gated_delta_rule if Tm == 1 else kernels.chunk_gated_delta_rule
+        rule = kernels.recurrent_gated_delta_rule if mixed.shape[1] == 1 else kernels.chunk_gated_delta_rule
         o, rec_final = rule(q, k, v, g, beta, initial_state=rec0, output_final_state=state is not None,
                             cu_seqlens=cu)
         if state is not None:
@@ -84,3 +93,31 @@ class GatedDeltaNet(nn.Module):
                 o, z = o.transpose(0, 1), z.transpose(0, 1)
         o = self.norm(o, z)
         return self.out_proj(o.reshape(B, T, self.value_dim))
+
+    def _forward_keeping_steps(self, mixed, b, a, conv_w, conv0, rec0, state: GDNState, meta: BatchMeta):
+        """Speculative verification: sequences flagged in meta.keep_step_states keep the conv and recurrent state
+        after EVERY new token (state.steps[i]), so the engine can commit the state of the last accepted draft
+        without recomputing. Runs sequence by sequence (the blocks are a few tokens long)."""
+        state.steps = {}
+        outs = []
+        bounds = [0, *itertools.accumulate(meta.q_lens)]
+        for i, keep in enumerate(meta.keep_step_states):
+            rows = slice(bounds[i], bounds[i + 1])
+            y, conv_states = conv_ops.causal_conv1d(mixed[:, rows], conv_w, conv0[i:i + 1],
+                                                    output_all_states=keep)
+            q, k, v = self._heads(y)
+            beta, g = gdn_gates(b[:, rows], a[:, rows], self.A_log, self.dt_bias)
+            if keep:
+                o, rec_states = gdr_ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0[i:i + 1],
+                                                                  output_all_states=True)
+                state.steps[i] = (conv_states[0], rec_states[0])
+                conv_final, rec_final = conv_states[:, -1], rec_states[:, -1]
+            else:
+                o, rec_final = kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=rec0[i:i + 1],
+                                                              output_final_state=True)
+                conv_final = conv_states
+            slot = meta.slots[i:i + 1]
+            state.conv[slot] = conv_final.to(state.conv.dtype)
+            state.recurrent[slot] = rec_final.to(state.recurrent.dtype)
+            outs.append(o)
+        return torch.cat(outs, dim=1)

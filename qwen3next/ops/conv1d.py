@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None = None,
-                  cu_seqlens: torch.Tensor | None = None, activation: bool = True):
+                  cu_seqlens: torch.Tensor | None = None, activation: bool = True, output_all_states: bool = False):
     """x [B, T, C], weight [C, K], initial_state [N, C, K-1] (N = B, or sequences when packed with cu_seqlens).
 
-    Returns (y [B, T, C], final_state [N, C, K-1]).
+    Returns (y [B, T, C], final_state [N, C, K-1]); with `output_all_states` (unpacked only) the state after every
+    token instead, [B, T, C, K-1].
     """
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
@@ -33,4 +34,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
     y = F.conv1d(full, weight.unsqueeze(1), groups=C)       # valid conv: exactly T outputs
     if activation:
         y = F.silu(y)
+    if output_all_states:   # the state after token t is the K-1 inputs ending at t
+        steps = full.unfold(-1, K - 1, 1)[:, :, 1:]                      # [B, C, T, K-1]
+        return y.transpose(1, 2).to(x.dtype), steps.permute(0, 2, 1, 3).contiguous()
     return y.transpose(1, 2).to(x.dtype), full[:, :, -(K - 1):].clone()

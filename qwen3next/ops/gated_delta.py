@@ -53,7 +53,9 @@ def _per_sequence(fn, q, k, v, g, beta, initial_state, output_final_state, cu_se
 
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                               cu_seqlens=None, use_qk_l2norm=True):
+                               cu_seqlens=None, use_qk_l2norm=True, output_all_states=False):
+    """`output_all_states`: return the state after EVERY token, [B, T, H, dk, dv], instead of the final one —
+    what speculative verification needs to commit the state of the last accepted draft."""
     if cu_seqlens is not None:
         return _per_sequence(recurrent_gated_delta_rule, q, k, v, g, beta, initial_state, output_final_state,
                              cu_seqlens, scale=scale, use_qk_l2norm=use_qk_l2norm)
@@ -65,12 +67,17 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     S = (torch.zeros(B, H, dk, v.shape[-1], dtype=wd, device=q.device) if initial_state is None
          else initial_state.to(wd).clone())
     out = torch.empty(B, T, H, v.shape[-1], dtype=wd, device=q.device)
+    states = [] if output_all_states else None
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None]
         pred = torch.einsum("bhkv,bhk->bhv", S, k[:, t])
         u = beta[:, t, :, None] * (v[:, t] - pred)
         S = S + k[:, t, :, :, None] * u[:, :, None, :]
         out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+        if states is not None:
+            states.append(S)
+    if output_all_states:
+        return out.to(out_dtype), torch.stack(states, dim=1)
     return out.to(out_dtype), (S if output_final_state else None)
 
 

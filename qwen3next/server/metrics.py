@@ -41,6 +41,24 @@ class _EngineCollector:
                 ("qwen3next_prompt_tokens", "prompt tokens accepted", self.stats.prompt_tokens),
                 ("qwen3next_generation_tokens", "tokens generated", self.stats.generation_tokens),
             ]
+        spec = u.get("speculative")
+        if spec:
+            counters += [
+                ("qwen3next_spec_verify_steps", "sequence-steps that verified MTP drafts", spec["verify_steps"]),
+                ("qwen3next_spec_draft_tokens", "MTP draft tokens proposed", spec["draft_tokens"]),
+                ("qwen3next_spec_accepted_tokens", "MTP draft tokens accepted", spec["accepted_tokens"]),
+                ("qwen3next_spec_disabled_steps", "engine steps with drafting off (batch too large)",
+                 spec["disabled_steps"]),
+            ]
+            yield GaugeMetricFamily("qwen3next_spec_mean_accepted_length",
+                                    "tokens gained per verification (accepted drafts + 1)",
+                                    value=spec["mean_accepted_length"] or 0.0)
+            per_pos = GaugeMetricFamily("qwen3next_spec_position_acceptance",
+                                        "acceptance of the j-th draft, given the earlier ones were accepted",
+                                        labels=["position"])
+            for j, a in enumerate(spec["per_position_acceptance"]):
+                per_pos.add_metric([str(j + 1)], a or 0.0)
+            yield per_pos
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
 
