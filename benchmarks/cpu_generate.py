@@ -1,4 +1,5 @@
-"""Generation throughput of the engine on this machine's CPU: 1 request alone, then 8 concurrent requests.
+"""Generation throughput of the engine on this machine's CPU: 1 request alone, then 8 concurrent requests
+(best of 3 runs each).
 
     python benchmarks/cpu_generate.py [--model PATH] [--tokens 64] [--out benchmarks/results/cpu_generate.json]
 """
@@ -25,9 +26,11 @@ def run(llm: LLM, concurrency: int, tokens: int) -> dict:
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(concurrency)]
     llm.generate(prompts[:1], SamplingParams(max_tokens=4))          # warm-up
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    dt = time.perf_counter() - t
+    dt = float("inf")
+    for _ in range(3):     # best of 3: this machine is shared and noisy
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        dt = min(dt, time.perf_counter() - t)
     generated = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"concurrency": concurrency, "generated_tokens": generated, "seconds": dt,
             "tokens_per_s": generated / dt, "per_request_tokens_per_s": generated / dt / concurrency}

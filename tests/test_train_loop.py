@@ -129,7 +129,9 @@ def test_global_balance_over_micro_batches_equals_one_big_batch(data_dir, tmp_pa
     for x, y in zip(ra, rb):
         for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5), key
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    # the two runs sum the same terms in a different order: float32 rounding, amplified by Adam's normalisation
+    # of tiny gradients, leaves ~1e-6 differences; a wrong balance moves weights by ~lr (1e-3)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 def test_micro_balance_differs_from_global_with_accumulation(data_dir, tmp_path):

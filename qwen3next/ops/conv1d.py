@@ -31,7 +31,10 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
     h0 = (torch.zeros(B, C, K - 1, dtype=xt.dtype, device=x.device) if initial_state is None
           else initial_state.to(xt.dtype))
     full = torch.cat([h0, xt], dim=-1)                      # [B, C, K-1+T]
-    y = F.conv1d(full, weight.unsqueeze(1), groups=C)       # valid conv: exactly T outputs
+    if T == 1:   # a decode step: one dot product per channel beats a conv call
+        y = (full * weight).sum(-1, keepdim=True)
+    else:
+        y = F.conv1d(full, weight.unsqueeze(1), groups=C)   # valid conv: exactly T outputs
     if activation:
         y = F.silu(y)
     if output_all_states:   # the state after token t is the K-1 inputs ending at t

@@ -70,10 +70,10 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     states = [] if output_all_states else None
     for t in range(T):
         S = S * g[:, t].exp()[..., None, None]
-        pred = torch.einsum("bhkv,bhk->bhv", S, k[:, t])
+        pred = (k[:, t, :, None, :] @ S).squeeze(-2)                     # S^T k
         u = beta[:, t, :, None] * (v[:, t] - pred)
         S = S + k[:, t, :, :, None] * u[:, :, None, :]
-        out[:, t] = torch.einsum("bhkv,bhk->bhv", S, q[:, t])
+        out[:, t] = (q[:, t, :, None, :] @ S).squeeze(-2)               # S^T q
         if states is not None:
             states.append(S)
     if output_all_states:

@@ -31,15 +31,17 @@ def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     token_of = order // k                                   # which token each sorted assignment belongs to
     counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
     w_sorted = weights.reshape(-1)[order]
-    out = torch.zeros_like(x)
+    xs = x[token_of]                                        # tokens in expert order
+    ys = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         sl = slice(start, start + n)
-        xe = x[token_of[sl]]
-        h = F.linear(xe, gate_up[e])
-        y = F.linear(F.silu(h[:, :inter]) * h[:, inter:], down[e])
-        out.index_add_(0, token_of[sl], (y * w_sorted[sl, None]).to(out.dtype))
+        h = F.linear(xs[sl], gate_up[e])
+        ys[sl] = F.linear(F.silu(h[:, :inter]) * h[:, inter:], down[e]) * w_sorted[sl, None]
         start += n
-    return out
+    # back to (token, slot) order, then each token's k expert outputs are summed: no scatter-add
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return ys[inverse].view(N, k, -1).sum(1)
