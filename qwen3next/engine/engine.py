@@ -176,7 +176,22 @@ class LLMEngine:
                 if i in row_of:
                     rows.append(i)
             offset += n
-        for i, s, off in verified:   # accept drafts, commit the GDN state after the last kept token
+        if verified:
+            self._verify(verified, logits, row_of, hidden)
+        if rows:
+            self._sample([batch.seqs[i] for i in rows], logits[[row_of[i].start for i in rows]])
+        outputs = []
+        for s in batch.seqs:
+            if s.delta_token_ids or s.is_finished:
+                outputs.append(s.to_output())
+            if s.is_finished:
+                self.requests.pop(s.request_id, None)
+        return outputs
+
+    def _verify(self, verified, logits, row_of, hidden) -> None:
+        """Accept drafts; commit each sequence's GDN state after its last kept token."""
+        spec = self.speculator
+        for i, s, off in verified:
             toks = spec.accept(s, logits[row_of[i]], self.generator)
             self.runner.cache.commit_step_states(i, s.slot, len(toks) - 1)
             s.num_computed += len(toks)
@@ -186,33 +201,24 @@ class LLMEngine:
                 self._append(s, t, 0.0, [], [], now)
                 if s.is_finished:
                     break
-        if verified:
-            if spec.stats.verify_steps // 500 != (spec.stats.verify_steps - len(verified)) // 500:
-                log.info("speculative decoding: %s", spec.stats.as_dict())
-            self.runner.cache.clear_step_states()
-            for _, s, _ in verified:
-                s.spec_k, s.draft_tokens, s.draft_probs = 0, [], None
-        if rows:
-            logits = logits[[row_of[i].start for i in rows]]
-            seqs = [batch.seqs[i] for i in rows]
-            st = SamplingTensors.from_params([s.params for s in seqs], [s.output_token_ids for s in seqs],
-                                             [s.prompt_token_ids for s in seqs], [s.generator for s in seqs],
-                                             logits.device, logits.shape[-1], shared_generator=self.generator,
-                                             eos_token_ids=sorted(self.eos_token_ids))
-            out = sample(logits, st)
-            toks = out.token_ids.tolist()
-            lps = out.logprobs.tolist()
-            top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
-            now = time.monotonic()
-            for j, s in enumerate(seqs):
-                self._append(s, toks[j], lps[j], top_ids[j], top_lps[j], now)
-        outputs = []
-        for s in batch.seqs:
-            if s.delta_token_ids or s.is_finished:
-                outputs.append(s.to_output())
-            if s.is_finished:
-                self.requests.pop(s.request_id, None)
-        return outputs
+        if spec.stats.verify_steps // 500 != (spec.stats.verify_steps - len(verified)) // 500:
+            log.info("speculative decoding: %s", spec.stats.as_dict())
+        self.runner.cache.clear_step_states()
+        for _, s, _ in verified:
+            s.spec_k, s.draft_tokens, s.draft_probs = 0, [], None
+
+    def _sample(self, seqs: list[Sequence], logits) -> None:
+        """One new token for each sequence whose last known token was just computed."""
+        st = SamplingTensors.from_params([s.params for s in seqs], [s.output_token_ids for s in seqs],
+                                         [s.prompt_token_ids for s in seqs], [s.generator for s in seqs],
+                                         logits.device, logits.shape[-1], shared_generator=self.generator,
+                                         eos_token_ids=sorted(self.eos_token_ids))
+        out = sample(logits, st)
+        toks, lps = out.token_ids.tolist(), out.logprobs.tolist()
+        top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
+        now = time.monotonic()
+        for j, s in enumerate(seqs):
+            self._append(s, toks[j], lps[j], top_ids[j], top_lps[j], now)
 
     def _append(self, s: Sequence, tok: int, lp: float, top_ids, top_lps, now: float) -> None:
         p = s.params
