@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse, Response
 
 from ..chat import render_chat
 from .chat_output import ChatOutputParser, MessageDelta, prompt_ends_in_reasoning
-from .errors import ENGINE_FAILED, APIError, bad_request, error_body, log
+from .errors import ENGINE_FAILED, APIError, bad_request, error_body
 from .logprobs import TokenText, chat_logprobs
 from .protocol import ChatCompletionRequest
 from .serving import Serving, usage
-from .streaming import (SSE_DONE, ClientDisconnected, SSEResponse, first_and_rest, last_item, sse,
+from .streaming import (ClientDisconnected, SSEResponse, first_and_rest, framed_events, last_item, sse,
                         until_disconnected)
 
 _MESSAGE_PATH = re.compile(r"^(messages\[\d+\](?:[.\w]+|\[\d+\])*)")   # where normalize_messages points
@@ -161,7 +161,13 @@ def _delta_json(d: MessageDelta, first_call_index: int) -> dict:
     return out
 
 
-async def _events(outputs, parser: ChatOutputParser, prefix, rid, created, model, k, text, include_usage):
+def _events(outputs, parser: ChatOutputParser, prefix, rid, created, model, k, text, include_usage):
+    seen: dict = {}
+    return framed_events(_chunks(outputs, parser, prefix, rid, created, model, k, text, include_usage, seen),
+                         outputs, seen, "chat.completion.chunk", rid, created, model, include_usage)
+
+
+async def _chunks(outputs, parser: ChatOutputParser, prefix, rid, created, model, k, text, include_usage, seen):
     def chunk(delta: dict, logprobs=None, finish=None, stop_reason=None):
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
@@ -172,41 +178,31 @@ async def _events(outputs, parser: ChatOutputParser, prefix, rid, created, model
             body["usage"] = None
         return sse(body)
 
-    sent_tokens, calls, out = 0, 0, None
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        pending = parser.feed(prefix) if prefix else MessageDelta()     # a prefill is never content on its own
-        async for out in outputs:
-            comp = out.outputs[0]
-            if comp.finish_reason == "error":
-                yield sse(error_body(500, ENGINE_FAILED))
-                break
-            d = parser.feed(comp.delta_text)
-            if out.finished:
-                rest = parser.finish()
-                d = MessageDelta(d.reasoning + rest.reasoning, d.content + rest.content, d.tool_calls + rest.tool_calls)
-            if pending:
-                d = MessageDelta(pending.reasoning + d.reasoning, pending.content + d.content,
-                                 pending.tool_calls + d.tool_calls)
-                pending = MessageDelta()
-            n = len(comp.token_ids)
-            logprobs = None
-            if k is not None and n > sent_tokens:
-                logprobs = {"content": chat_logprobs(comp.token_ids[sent_tokens:n], comp.logprobs[sent_tokens:n],
-                                                     k, text)}
-            sent_tokens = n
-            if d or logprobs:
-                yield chunk(_delta_json(d, calls), logprobs)
-                calls += len(d.tool_calls)
-            if out.finished:
-                yield chunk({}, finish=_finish_reason(comp.finish_reason, calls > 0), stop_reason=comp.stop_reason)
-        if include_usage and out is not None:
-            yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": [], "usage": usage(out)})
-        yield SSE_DONE
-    except Exception:                       # a bug of ours, mid-stream: tell the client, log the details
-        log.exception("chat stream %s failed", rid)
-        yield sse(error_body(500, "internal server error; see the server log"))
-        yield SSE_DONE
-    finally:
-        await outputs.aclose()
+    sent_tokens, calls = 0, 0
+    yield chunk({"role": "assistant", "content": ""})
+    pending = parser.feed(prefix) if prefix else MessageDelta()     # a prefill is never content on its own
+    async for out in outputs:
+        seen["out"] = out
+        comp = out.outputs[0]
+        if comp.finish_reason == "error":
+            yield sse(error_body(500, ENGINE_FAILED))
+            break
+        d = parser.feed(comp.delta_text)
+        if out.finished:
+            rest = parser.finish()
+            d = MessageDelta(d.reasoning + rest.reasoning, d.content + rest.content, d.tool_calls + rest.tool_calls)
+        if pending:
+            d = MessageDelta(pending.reasoning + d.reasoning, pending.content + d.content,
+                             pending.tool_calls + d.tool_calls)
+            pending = MessageDelta()
+        n = len(comp.token_ids)
+        logprobs = None
+        if k is not None and n > sent_tokens:
+            logprobs = {"content": chat_logprobs(comp.token_ids[sent_tokens:n], comp.logprobs[sent_tokens:n],
+                                                 k, text)}
+        sent_tokens = n
+        if d or logprobs:
+            yield chunk(_delta_json(d, calls), logprobs)
+            calls += len(d.tool_calls)
+        if out.finished:
+            yield chunk({}, finish=_finish_reason(comp.finish_reason, calls > 0), stop_reason=comp.stop_reason)

@@ -7,11 +7,11 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import ENGINE_FAILED, APIError, bad_request, error_body, log
+from .errors import ENGINE_FAILED, APIError, bad_request, error_body
 from .logprobs import TokenText, completion_logprobs
 from .protocol import CompletionRequest
 from .serving import Serving, usage
-from .streaming import (SSE_DONE, ClientDisconnected, SSEResponse, first_and_rest, last_item, sse,
+from .streaming import (ClientDisconnected, SSEResponse, first_and_rest, framed_events, last_item, sse,
                         until_disconnected)
 
 DEFAULT_MAX_TOKENS = 16     # OpenAI's default for this endpoint
@@ -72,7 +72,13 @@ def _whole(out, rid, created, model, k, text) -> dict:
             "usage": usage(out)}
 
 
-async def _events(outputs, rid, created, model, k, text, include_usage):
+def _events(outputs, rid, created, model, k, text, include_usage):
+    seen: dict = {}
+    return framed_events(_chunks(outputs, rid, created, model, k, text, include_usage, seen), outputs, seen,
+                         "text_completion", rid, created, model, include_usage)
+
+
+async def _chunks(outputs, rid, created, model, k, text, include_usage, seen):
     def chunk(choice_text, logprobs=None, finish=None, stop_reason=None):
         body = {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": choice_text, "logprobs": logprobs, "finish_reason": finish,
@@ -81,29 +87,19 @@ async def _events(outputs, rid, created, model, k, text, include_usage):
             body["usage"] = None
         return sse(body)
 
-    sent_tokens, offset, out = 0, 0, None
-    try:
-        async for out in outputs:
-            comp = out.outputs[0]
-            n = len(comp.token_ids)
-            logprobs = None
-            if k is not None and n > sent_tokens:
-                logprobs = completion_logprobs(comp.token_ids[sent_tokens:n], comp.logprobs[sent_tokens:n], k, text,
-                                               offset)
-                offset += sum(len(t) for t in logprobs["tokens"])
-            sent_tokens = n
-            if comp.finish_reason == "error":
-                yield sse(error_body(500, ENGINE_FAILED))
-                break
-            if comp.delta_text or logprobs or out.finished:
-                yield chunk(comp.delta_text, logprobs, comp.finish_reason, comp.stop_reason)
-        if include_usage and out is not None:
-            yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                       "usage": usage(out)})
-        yield SSE_DONE
-    except Exception:                       # a bug of ours, mid-stream: tell the client, log the details
-        log.exception("completion stream %s failed", rid)
-        yield sse(error_body(500, "internal server error; see the server log"))
-        yield SSE_DONE
-    finally:
-        await outputs.aclose()
+    sent_tokens, offset = 0, 0
+    async for out in outputs:
+        seen["out"] = out
+        comp = out.outputs[0]
+        n = len(comp.token_ids)
+        logprobs = None
+        if k is not None and n > sent_tokens:
+            logprobs = completion_logprobs(comp.token_ids[sent_tokens:n], comp.logprobs[sent_tokens:n], k, text,
+                                           offset)
+            offset += sum(len(t) for t in logprobs["tokens"])
+        sent_tokens = n
+        if comp.finish_reason == "error":
+            yield sse(error_body(500, ENGINE_FAILED))
+            break
+        if comp.delta_text or logprobs or out.finished:
+            yield chunk(comp.delta_text, logprobs, comp.finish_reason, comp.stop_reason)

@@ -69,6 +69,28 @@ def sse(data: Any) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
+async def framed_events(chunks: AsyncIterator[str], outputs, seen: dict, obj: str, rid: str, created: int,
+                        model: str, include_usage: bool) -> AsyncIterator[str]:
+    """What every streamed endpoint does around its own chunks: the final usage chunk (stream_options), the
+    [DONE] line, a clean error event if a bug of ours breaks the stream mid-way, and closing the engine stream
+    (which aborts the request if the client left). `seen["out"]` is the last engine output the chunks saw."""
+    from .errors import error_body, log   # errors imports fastapi handlers; keep this module import-light
+    from .serving import usage
+    try:
+        async for chunk in chunks:
+            yield chunk
+        if include_usage and seen.get("out") is not None:
+            yield sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                       "usage": usage(seen["out"])})
+        yield SSE_DONE
+    except Exception:                       # a bug of ours, mid-stream: tell the client, log the details
+        log.exception("%s stream %s failed", obj, rid)
+        yield sse(error_body(500, "internal server error; see the server log"))
+        yield SSE_DONE
+    finally:
+        await outputs.aclose()
+
+
 class SSEResponse(StreamingResponse):
     """A StreamingResponse that closes its event generator as soon as the response ends, however it ends.
 
