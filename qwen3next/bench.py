@@ -19,28 +19,50 @@ from .checkpoint import build_model
 from .config import FULL, ModelConfig, preset
 from .model.cache import BatchMeta, HybridCache
 from .model.init import init_weights
+from .ops import fused
+
+
+# the device everything is built on: "cuda" for real runs; tests run the bench's logic on "cpu" with tiny configs
+DEV = {"device": "cuda", "dtype": torch.bfloat16}
+
+
+def _on_gpu() -> bool:
+    return DEV["device"] == "cuda"
 
 
 # ---- timing and machine rates -------------------------------------------------------------------------------------
-def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median seconds of fn() over `iters` runs, timed with CUDA events."""
+def timed(fn, warmup: int, iters: int, cuda: bool) -> list[float]:
+    """Seconds of each of `iters` calls of fn() after `warmup` untimed ones (CUDA events on the GPU, the wall
+    clock on the CPU)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def cuda_time(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of fn() on the bench's device."""
+    times = sorted(timed(fn, warmup, iters, _on_gpu()))
+    return times[len(times) // 2]
 
 
 def copy_bandwidth() -> float:
     """Bytes/s of a device-to-device copy, counting bytes read + written."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    x = torch.empty(1 << (30 if _on_gpu() else 24), dtype=torch.uint8, device=DEV["device"])
     y = torch.empty_like(x)
     t = cuda_time(lambda: y.copy_(x), 3, 20)
     return 2 * x.numel() / t
@@ -48,10 +70,11 @@ def copy_bandwidth() -> float:
 
 def matmul_rate() -> float:
     """bf16 FLOP/s of an 8192^3 matrix product on random data."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    n = 8192 if _on_gpu() else 256
+    a = torch.randn(n, n, device=DEV["device"], dtype=DEV["dtype"])
+    b = torch.randn(n, n, device=DEV["device"], dtype=DEV["dtype"])
     t = cuda_time(lambda: a @ b, 3, 10)
-    return 2 * 8192 ** 3 / t
+    return 2 * n ** 3 / t
 
 
 # ---- analytic work: FLOPs and bytes -------------------------------------------------------------------------------
@@ -102,10 +125,10 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: int, wbytes: int = 2) -> flo
 
 
 # ---- our model ----------------------------------------------------------------------------------------------------
-def random_gpu_model(cfg: ModelConfig, layers: int, seed: int = 0):
-    cfg = cfg.replace(num_hidden_layers=layers, num_nextn_predict_layers=0,
+def random_gpu_model(cfg: ModelConfig, layers: int, seed: int = 0, mtp: bool = False):
+    cfg = cfg.replace(num_hidden_layers=layers, num_nextn_predict_layers=1 if mtp else 0,
                       layer_types=cfg.layer_types[:layers] if cfg.model_type == "qwen3_next" else [])
-    model = build_model(cfg, torch.bfloat16, "cuda")
+    model = build_model(cfg, DEV["dtype"], DEV["device"])
     torch.manual_seed(seed)
     init_weights(model)
     return model
@@ -117,26 +140,20 @@ def _pages_for(tokens: int, page_size: int) -> int:
 
 @torch.inference_mode()
 def time_prefill(model, T: int, page_size: int = 64) -> float:
-    cache = HybridCache(model.config, 1, _pages_for(T, page_size), page_size, torch.bfloat16, "cuda",
+    cache = HybridCache(model.config, 1, _pages_for(T, page_size), page_size, DEV["dtype"], DEV["device"],
                         include_mtp=False)
-    ids = torch.randint(0, model.config.vocab_size, (T,), device="cuda")
-    meta = BatchMeta.build([T], [0], [0], [list(range(_pages_for(T, page_size)))], page_size, "cuda")
-    keep = torch.tensor([T - 1], device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (T,), device=DEV["device"])
+    meta = BatchMeta.build([T], [0], [0], [list(range(_pages_for(T, page_size)))], page_size, DEV["device"])
+    keep = torch.tensor([T - 1], device=DEV["device"])
     return cuda_time(lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep), 2, 5)
 
 
-@torch.inference_mode()
-def time_decode(model, batch: int, ctx: int, page_size: int = 64, graph: bool = True) -> tuple[float, bool]:
-    """Seconds per decode step of `batch` sequences that each have `ctx` tokens cached (cache contents are
-    zeros: the work does not depend on the values). Captured in a CUDA graph when possible."""
-    per_seq = _pages_for(ctx + 1, page_size)
-    cache = HybridCache(model.config, batch, batch * per_seq, page_size, torch.bfloat16, "cuda", include_mtp=False)
-    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
-    meta = BatchMeta.build([1] * batch, [ctx] * batch, list(range(batch)), tables, page_size, "cuda")
-    ids = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
-    step = lambda: model(ids, cache=cache, meta=meta)  # noqa: E731
-    for _ in range(3):
+def time_step(step, warmup: int = 3, graph: bool = True) -> tuple[float, bool]:
+    """Seconds per call of `step`, captured in a CUDA graph when possible (the first calls compile)."""
+    for _ in range(warmup):
         step()
+    if not _on_gpu():
+        return cuda_time(step, 0, 5), False
     torch.cuda.synchronize()
     if graph:
         try:
@@ -150,14 +167,71 @@ def time_decode(model, batch: int, ctx: int, page_size: int = 64, graph: bool = 
                 step()
             return cuda_time(g.replay, 3, 20), True
         except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
-            print(f"  (CUDA graph capture failed: {type(e).__name__}: {e}; timing eagerly)")
+            print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}; timing eagerly)")
             torch.cuda.synchronize()
     return cuda_time(step, 3, 20), False
 
 
+def _decode_batch(model, batch: int, ctx: int, q_len: int = 1, page_size: int = 64, include_mtp: bool = False,
+                  keep_step_states: bool = False):
+    """A cache with `batch` sequences of `ctx` cached tokens (zeros: the work does not depend on the values) and
+    the BatchMeta of a step that appends q_len tokens to each."""
+    per_seq = _pages_for(ctx + q_len, page_size)
+    cache = HybridCache(model.config, batch, batch * per_seq, page_size, DEV["dtype"], DEV["device"],
+                        include_mtp=include_mtp)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+    meta = BatchMeta.build([q_len] * batch, [ctx] * batch, list(range(batch)), tables, page_size, DEV["device"],
+                           keep_step_states=[True] * batch if keep_step_states else None)
+    ids = torch.randint(0, model.config.vocab_size, (batch * q_len,), device=DEV["device"])
+    return cache, meta, ids
+
+
+@torch.inference_mode()
+def time_decode(model, batch: int, ctx: int, page_size: int = 64, graph: bool = True) -> tuple[float, bool, dict]:
+    """Seconds per decode step of `batch` sequences that each have `ctx` tokens cached, on the faster of the two
+    layer paths (compiled decode layers, or eager ones; both inside a CUDA graph): every model gets its best
+    path. Returns (seconds, graphed, {path: seconds})."""
+    cache, meta, ids = _decode_batch(model, batch, ctx, page_size=page_size)
+    paths = {}
+    for path, mode in (("compiled", "auto"), ("eager", False)):
+        fused.DECODE["enabled"] = mode
+        try:
+            paths[path], graphed = time_step(lambda: model(ids, cache=cache, meta=meta), graph=graph)
+        finally:
+            fused.DECODE["enabled"] = "auto"
+    return min(paths.values()), graphed, paths
+
+
+@torch.inference_mode()
+def time_speculative(model, batch: int, ctx: int, k: int) -> dict:
+    """The device time of one MTP speculative round of `batch` sequences, part by part (as the engine runs it):
+    verify k drafts (a k+1-token forward keeping the GDN state after every token, logits for all k+1 rows;
+    compiled and graph-captured like a decode step), MTP catch-up over the k+1 new true positions (the worst
+    case: everything accepted) with the first draft (eager: its lengths vary), and k-1 further single-token MTP
+    drafts (graph-captured)."""
+    H = model.config.hidden_size
+    cache, meta, ids = _decode_batch(model, batch, ctx, q_len=k + 1, include_mtp=True, keep_step_states=True)
+    keep = torch.arange(batch * (k + 1), device=DEV["device"])
+    verify_step = lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep)  # noqa: E731
+    verify_eager = cuda_time(verify_step, 2, 10)          # what the engine runs today (no bucketed CUDA graphs)
+    fused.DECODE["verify"] = True
+    try:
+        verify, graphed = time_step(verify_step)
+    finally:
+        fused.DECODE["verify"] = False
+    hid = torch.randn(1, batch * (k + 1), H, device=DEV["device"], dtype=DEV["dtype"])
+    catch = cuda_time(lambda: model.mtp_forward(hid, ids[None], cache=cache, meta=meta), 2, 10)
+    c1, m1, ids1 = _decode_batch(model, batch, ctx, include_mtp=True)
+    h1 = torch.randn(1, batch, H, device=DEV["device"], dtype=DEV["dtype"])
+    draft, draft_graphed = time_step(lambda: model.mtp_forward(h1, ids1[None], cache=c1, meta=m1))
+    from .model.qwen3_next import verify_layer
+    return {"verify_s": verify, "verify_eager_s": verify_eager, "catch_up_s": catch, "draft_step_s": draft,
+            "verify_graph": graphed, "verify_compiled": not verify_layer.failed(), "draft_graph": draft_graphed}
+
+
 @torch.inference_mode()
 def time_head(model, tokens: int) -> float:
-    h = torch.randn(1, tokens, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(1, tokens, model.config.hidden_size, device=DEV["device"], dtype=DEV["dtype"])
     return cuda_time(lambda: model.lm_head(model.model.norm(h)), 3, 10)
 
 
@@ -169,20 +243,20 @@ def hf_model(cfg: ModelConfig, layers: int):
               "partial_rotary_factor", "extra"):
         d.pop(k, None)
     hcfg = Qwen3NextConfig(**d)
-    with torch.device("cuda"):
+    with torch.device(DEV["device"]):
         m = Qwen3NextForCausalLM(hcfg)
-    return m.to(torch.bfloat16).eval()
+    return m.to(DEV["dtype"]).eval()
 
 
 @torch.inference_mode()
 def time_hf_prefill(m, T: int) -> float:
-    ids = torch.randint(0, m.config.vocab_size, (1, T), device="cuda")
+    ids = torch.randint(0, m.config.vocab_size, (1, T), device=DEV["device"])
     return cuda_time(lambda: m(ids, use_cache=False, logits_to_keep=1), 1, 3)
 
 
 @torch.inference_mode()
 def time_hf_decode(m, ctx: int, steps: int = 10) -> float:
-    ids = torch.randint(0, m.config.vocab_size, (1, ctx), device="cuda")
+    ids = torch.randint(0, m.config.vocab_size, (1, ctx), device=DEV["device"])
     out = m(ids, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     tok = ids[:, -1:]
@@ -190,18 +264,19 @@ def time_hf_decode(m, ctx: int, steps: int = 10) -> float:
 
     def step():
         nonlocal pos
-        m(tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]], device="cuda"))
+        m(tok, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos]], device=DEV["device"]))
         pos += 1
     return cuda_time(step, 2, steps)
 
 
 # ---- the run ------------------------------------------------------------------------------------------------------
 def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=(16, 64),
-        with_transformers: bool = True, out_dir: str = "benchmarks/results", log=print) -> dict:
-    if not torch.cuda.is_available():
+        with_transformers: bool = True, out_dir: str = "benchmarks/results", log=print,
+        spec_k: int = 3, spec_acceptance: float = 3.8, configs: tuple[ModelConfig, ModelConfig] | None = None) -> dict:
+    if _on_gpu() and not torch.cuda.is_available():
         raise RuntimeError("qwen3next bench needs a CUDA GPU")
-    dev = torch.cuda.get_device_name()
-    next_cfg, dense_cfg = preset("qwen3-next-80b-a3b"), preset("qwen3-32b")
+    dev = torch.cuda.get_device_name() if _on_gpu() else "cpu"
+    next_cfg, dense_cfg = configs or (preset("qwen3-next-80b-a3b"), preset("qwen3-32b"))
     res: dict = {"date": datetime.date.today().isoformat(), "device": dev, "torch": torch.__version__,
                  "layers_measured": {"qwen3_next": layers, "qwen3_32b_dense": dense_layers},
                  "layers_full": {"qwen3_next": next_cfg.num_hidden_layers, "qwen3_32b_dense": dense_cfg.num_hidden_layers}}
@@ -209,8 +284,8 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
     res["machine"] = {"copy_bandwidth_GBps": bw / 1e9, "bf16_matmul_TFLOPs": flops / 1e12}
     log(f"{dev}: copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
 
-    def measure(cfg, n, name):
-        m = random_gpu_model(cfg, n)
+    def measure(cfg, n, name, mtp=False):
+        m = random_gpu_model(cfg, n, mtp=mtp)
         L = cfg.num_hidden_layers
         r: dict = {"prefill": {}, "decode": {}}
         for T in contexts:
@@ -222,21 +297,55 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
             log(f"  {name} prefill {T}: {T / whole:,.0f} tok/s whole-model ({whole / floor:.2f}x floor)")
         for B in (1, *batches):
             for ctx in (contexts if B == 1 else contexts[:1]):
-                t, graphed = time_decode(m, B, ctx)
+                t, graphed, paths = time_decode(m, B, ctx)
                 th = time_head(m, B)
                 whole = (t - th) * L / n + th
                 floor = decode_bytes(cfg, B, ctx) / bw
                 r["decode"][f"b{B}_ctx{ctx}"] = {"ms_step_measured": t * 1e3, "ms_step_whole": whole * 1e3,
                                                  "tok_s_whole": B / whole, "floor_ms_whole": floor * 1e3,
-                                                 "over_floor": whole / floor, "cuda_graph": graphed}
+                                                 "over_floor": whole / floor, "cuda_graph": graphed,
+                                                 "ms_step_measured_by_path": {p: v * 1e3 for p, v in paths.items()},
+                                                 "path": min(paths, key=paths.get)}
                 log(f"  {name} decode b{B} ctx{ctx}: {whole * 1e3:.2f} ms/step whole-model, {B / whole:,.0f} tok/s "
-                    f"({whole / floor:.2f}x floor, graph={graphed})")
+                    f"({whole / floor:.2f}x floor, graph={graphed}, "
+                    + ", ".join(f"{p} {v * 1e3:.2f} ms" for p, v in paths.items()) + " measured)")
+        if mtp and spec_k:
+            r["speculative"] = {}
+            for B in (1, *batches):
+                plain = r["decode"][f"b{B}_ctx{contexts[0]}"]["ms_step_whole"] / 1e3
+                try:
+                    sp = time_speculative(m, B, contexts[0], spec_k)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory at a large batch: report, go on
+                    r["speculative"][f"b{B}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    log(f"  {name} speculative b{B} failed: {e}")
+                    continue
+                th = time_head(m, B * (spec_k + 1))
+                verify_whole = (sp["verify_s"] - th) * L / n + th
+                round_s = verify_whole + sp["catch_up_s"] + (spec_k - 1) * sp["draft_step_s"]
+                eager_round = (sp["verify_eager_s"] - th) * L / n + th + sp["catch_up_s"] + \
+                    (spec_k - 1) * sp["draft_step_s"]
+                r["speculative"][f"b{B}"] = {
+                    **{(key[:-2] + "_ms" if key.endswith("_s") else key): (v * 1e3 if key.endswith("_s") else v)
+                       for key, v in sp.items()},
+                    "k": spec_k, "verify_whole_ms": verify_whole * 1e3, "round_ms": round_s * 1e3,
+                    "plain_step_ms": plain * 1e3, "verify_over_plain": verify_whole / plain,
+                    "round_over_plain": round_s / plain, "break_even_acceptance": round_s / plain,
+                    "acceptance": spec_acceptance, "implied_speedup": spec_acceptance * plain / round_s,
+                    "eager_verify_round_ms": eager_round * 1e3,
+                    "implied_speedup_eager_verify": spec_acceptance * plain / eager_round}
+                log(f"  {name} speculative k={spec_k} b{B}: round {round_s * 1e3:.2f} ms = verify "
+                    f"{verify_whole * 1e3:.2f} + MTP catch-up {sp['catch_up_s'] * 1e3:.2f} + {spec_k - 1} drafts x "
+                    f"{sp['draft_step_s'] * 1e3:.2f}; plain step {plain * 1e3:.2f} ms -> implied speedup at "
+                    f"acceptance {spec_acceptance}: {spec_acceptance * plain / round_s:.2f}x (break-even "
+                    f"{round_s / plain:.2f}); with the eager verify the engine runs today: "
+                    f"{spec_acceptance * plain / eager_round:.2f}x")
         del m
-        torch.cuda.empty_cache()
+        if _on_gpu():
+            torch.cuda.empty_cache()
         return r
 
     log("Qwen3-Next-80B-A3B (ours)")
-    res["ours_next"] = measure(next_cfg, layers, "next")
+    res["ours_next"] = measure(next_cfg, layers, "next", mtp=True)
     log("dense Qwen3-32B (ours, same code paths)")
     res["ours_dense"] = measure(dense_cfg, dense_layers, "dense")
     if with_transformers:
@@ -250,7 +359,8 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
             log(f"  transformers prefill {T}: {res['transformers_next']['prefill_ms']:.1f} ms, decode b1: "
                 f"{res['transformers_next']['decode_b1_ms']:.1f} ms/step ({layers} layers)")
             del m
-            torch.cuda.empty_cache()
+            if _on_gpu():
+                torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001 - the peer's failure is reported, not fatal
             res["transformers_next"] = {"error": f"{type(e).__name__}: {e}"}
             log(f"  transformers failed: {e}")
@@ -275,6 +385,9 @@ def ratios(res: dict, contexts) -> dict:
     for key in on["decode"]:
         if not key.startswith("b1_"):
             r[f"decode_{key}_tok_s_vs_dense"] = on["decode"][key]["tok_s_whole"] / od["decode"][key]["tok_s_whole"]
+    for key, sp in on.get("speculative", {}).items():
+        if "implied_speedup" in sp:
+            r[f"speculative_{key}_implied_speedup"] = sp["implied_speedup"]
     hf = res.get("transformers_next", {})
     if "prefill_ms" in hf:
         r["prefill_vs_transformers"] = hf["prefill_ms"] / on["prefill"][c0]["ms_measured"]
@@ -306,6 +419,20 @@ def markdown_table(res: dict, contexts, batches) -> str:
         rows.append(f"| vs transformers ({hf['layers']} layers): decode b1 @{hf['decode_ctx'] // 1024}K | "
                     f"{on['decode'][f'b1_ctx{contexts[0]}']['ms_step_measured']:.2f} ms | | transformers "
                     f"{hf['decode_b1_ms']:.2f} ms | | {res['ratios']['decode_vs_transformers']:.2f}× |")
+    spec = on.get("speculative")
+    if spec:
+        rows += ["", "MTP speculative decoding (random weights: cost measured, acceptance assumed), per round:", "",
+                 "| batch | plain step, ms | verify k+1, ms | MTP catch-up, ms | MTP draft, ms | round ÷ plain "
+                 "(break-even acceptance) | implied speedup at acceptance | same, eager verify (engine today) |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for key, sp in spec.items():
+            if "error" in sp:
+                rows.append(f"| {key[1:]} | failed: {sp['error'][:80]} | | | | | | |")
+                continue
+            rows.append(f"| {key[1:]} | {sp['plain_step_ms']:.2f} | {sp['verify_whole_ms']:.2f} | "
+                        f"{sp['catch_up_ms']:.2f} | {sp['draft_step_ms']:.2f} × {sp['k'] - 1} | "
+                        f"{sp['round_over_plain']:.2f} | {sp['implied_speedup']:.2f}× at {sp['acceptance']} | "
+                        f"{sp['implied_speedup_eager_verify']:.2f}× |")
     return "\n".join(rows)
 
 

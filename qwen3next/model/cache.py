@@ -43,6 +43,18 @@ class BatchMeta:
         return all(n == 1 for n in self.q_lens)
 
     @property
+    def is_verify(self) -> bool:
+        """Speculative verification of the same number of drafts by every sequence (keeping GDN step states)."""
+        keep = self.keep_step_states
+        return keep is not None and all(keep) and len(set(self.q_lens)) == 1
+
+    @property
+    def is_step(self) -> bool:
+        """A decode step or a uniform verification: fixed shapes, no per-sequence host loop, so the layers can
+        run compiled (and a step can be captured in a CUDA graph)."""
+        return (self.is_decode and self.keep_step_states is None) or self.is_verify
+
+    @property
     def max_q_len(self) -> int:
         return max(self.q_lens)
 

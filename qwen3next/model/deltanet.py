@@ -16,12 +16,10 @@ from ..config import ModelConfig
 from ..ops import conv1d as conv_ops
 from ..ops import gated_delta as gdr_ops
 from ..ops import kernels
-from ..ops.fused import cuda_fused
 from .cache import BatchMeta, GDNState
 from .norm import GatedRMSNorm, upcast
 
 
-@cuda_fused
 def gdn_gates(b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
     """beta = sigmoid(b) (write strength); g = -exp(A_log) * softplus(a + dt_bias), the log-decay (<= 0), in fp32."""
     return torch.sigmoid(b), -upcast(A_log).exp() * F.softplus(upcast(a) + upcast(dt_bias))
@@ -97,8 +95,21 @@ class GatedDeltaNet(nn.Module):
     def _forward_keeping_steps(self, mixed, b, a, conv_w, conv0, rec0, state: GDNState, meta: BatchMeta):
         """Speculative verification: sequences flagged in meta.keep_step_states keep the conv and recurrent state
         after EVERY new token (state.steps[i]), so the engine can commit the state of the last accepted draft
-        without recomputing. Runs sequence by sequence (the blocks are a few tokens long)."""
+        without recomputing. The usual case (every sequence verifies the same number of drafts) runs as one batch;
+        mixed batches (prefill chunks beside verifications) run sequence by sequence."""
         state.steps = {}
+        S, T = meta.num_seqs, meta.q_lens[0]
+        if all(meta.keep_step_states) and all(n == T for n in meta.q_lens):
+            B = mixed.shape[1] // T
+            y, conv_states = conv_ops.causal_conv1d(mixed.view(B, T, -1), conv_w, conv0, output_all_states=True)
+            q, k, v = self._heads(y)
+            beta, g = gdn_gates(b.view(B, T, -1), a.view(B, T, -1), self.A_log, self.dt_bias)
+            o, rec_states = gdr_ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
+                                                              output_all_states=True)
+            state.steps = {i: (conv_states[i], rec_states[i]) for i in range(S)}
+            state.conv[meta.slots] = conv_states[:, -1].to(state.conv.dtype)
+            state.recurrent[meta.slots] = rec_states[:, -1].to(state.recurrent.dtype)
+            return o.reshape(1, B * T, *o.shape[2:])
         outs = []
         bounds = [0, *itertools.accumulate(meta.q_lens)]
         for i, keep in enumerate(meta.keep_step_states):

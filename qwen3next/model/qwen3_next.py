@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ..config import FULL, ModelConfig
+from ..ops import fused
+from ..ops.fused import decode_compiled
 from .attention import Attention
 from .cache import BatchMeta, HybridCache, SequenceCache
 from .deltanet import GatedDeltaNet
@@ -57,6 +59,24 @@ class DecoderLayer(nn.Module):
         if isinstance(h, tuple):
             h, router_logits = h
         return x + h, router_logits
+
+
+def _call_layer(layer, x, cos, sin, layer_cache, meta):
+    return layer(x, cos, sin, layer_cache, meta)
+
+
+# decode and verification steps: the whole layer as one compiled graph on CUDA (ops/fused.py says why); two
+# wrappers, so that a compiler failure on one kind of step leaves the other compiled
+decode_layer = decode_compiled(_call_layer)
+verify_layer = decode_compiled(_call_layer, dynamic=False)
+
+
+def _layer_runner(meta):
+    if meta is None or not meta.is_step:
+        return _call_layer
+    if meta.is_verify:
+        return verify_layer if fused.DECODE["verify"] else _call_layer
+    return decode_layer
 
 
 class MTP(nn.Module):
@@ -114,8 +134,9 @@ class CausalLM(nn.Module):
         positions = meta.positions[None] if meta is not None else torch.arange(x.shape[1], device=x.device)[None]
         cos, sin = self.rotary(positions, x.dtype)
         all_hidden, routers = ([x] if output_hidden_states else None), []
+        run = _layer_runner(meta)
         for i, layer in enumerate(self.model.layers):
-            x, rl = layer(x, cos, sin, cache[i] if cache is not None else None, meta)
+            x, rl = run(layer, x, cos, sin, cache[i] if cache is not None else None, meta)
             if rl is not None and output_router_logits:
                 routers.append(rl)
             if all_hidden is not None:
@@ -164,8 +185,9 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         routers = []
         n_main = len(self.model.layers)
+        run = _layer_runner(meta)
         for j, layer in enumerate(m.layers):
-            x, rl = layer(x, cos, sin, cache[n_main + j] if cache is not None else None, meta)
+            x, rl = run(layer, x, cos, sin, cache[n_main + j] if cache is not None else None, meta)
             if rl is not None:
                 routers.append(rl)
         h = m.norm(x)

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..ops.fused import cuda_fused
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -69,7 +68,6 @@ class RotaryEmbedding(nn.Module):
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
 
-@cuda_fused
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [..., T, H, D]; cos/sin [..., T, R] with R <= D. Rotates the first R dims, passes the rest through."""
     r = cos.shape[-1]

@@ -29,10 +29,11 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     """Attention of packed queries q [N, Hq, D] over each sequence's cached keys [0, context_lens[i]); a query at
     position p sees keys <= p. `meta` is a BatchMeta (page table, positions, token -> sequence maps).
 
-    Decode steps (one query per sequence) run as one padded SDPA call over gathered keys. Batches with prefill
-    chunks run per sequence, so no [S, Lq, Lk] mask is ever built for long prompts.
+    Decode steps (one query per sequence) and uniform verification steps (a few per sequence) run as one padded
+    SDPA call over gathered keys. Batches with prefill chunks run per sequence, so no [S, Lq, Lk] mask is ever
+    built for long prompts.
     """
-    if not meta.is_decode:
+    if not (meta.is_decode or meta.is_verify):
         return _paged_prefill(q, k_pages, v_pages, meta, scale)
     S, Lq, Lk = meta.page_table.shape[0], meta.max_q_len, meta.max_context_len
     N, Hq, D = q.shape

@@ -57,6 +57,22 @@ def has_grouped_mm() -> bool:
         torch.cuda.get_device_capability()[0] >= 9
 
 
+@functools.cache
+def grouped_mm_backward_ok() -> bool:
+    """Whether torch._grouped_mm has a backward in this torch (training can then use the grouped experts)."""
+    if not has_grouped_mm():
+        return False
+    try:
+        # the layout experts_forward uses: weights [E, out, in] contiguous, passed transposed (column-major)
+        a = torch.randn(32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(2, 32, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        offs = torch.tensor([16, 32], device="cuda", dtype=torch.int32)
+        torch._grouped_mm(a, w.transpose(1, 2), offs=offs).float().sum().backward()
+        return a.grad is not None and w.grad is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None, use_qk_l2norm=True, chunk_size=64):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
@@ -71,6 +87,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                                cu_seqlens=None, use_qk_l2norm=True):
+    if cu_seqlens is None:   # the decode path: an opaque custom op, so a compiled decode layer can call it
+        from .custom_ops import gdn_recurrent
+        o, s = gdn_recurrent(q, k, v, g, beta, initial_state, scale, use_qk_l2norm)
+        return o, (s if output_final_state else None)
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
@@ -79,6 +99,30 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                    output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
                    cu_seqlens=cu_seqlens)
     return o.to(v.dtype), s
+
+
+def _weighted_swiglu(h: torch.Tensor, w: torch.Tensor, inter: int) -> torch.Tensor:
+    """silu(gate) * up, times each row's routing weight (applied before the down projection, on the 4x narrower
+    intermediate, instead of on its output)."""
+    return F.silu(h[:, :inter]) * h[:, inter:] * w.to(h.dtype)[:, None]
+
+
+def _combine(y: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+    """Back to (token, slot) order and the sum of each token's k expert outputs, accumulated in fp32: a gather
+    and one reduction, no atomics."""
+    return y[inverse].view(-1, k, y.shape[-1]).sum(1, dtype=torch.float32).to(y.dtype)
+
+
+def causal_conv1d(x, weight, initial_state=None, cu_seqlens=None, activation=True, output_all_states=False):
+    """fla's Triton causal conv1d; same contract as ops.conv1d.causal_conv1d. fla's state holds the last K inputs,
+    ours the last K-1 (all the next token needs): pad on the way in, drop the oldest on the way out."""
+    from fla.modules.causal_conv1d import causal_conv1d as fla_conv
+    if output_all_states:
+        raise ValueError("output_all_states is a torch-reference feature")
+    h0 = None if initial_state is None else F.pad(initial_state.to(x.dtype), (1, 0)).contiguous()
+    y, h = fla_conv(x.contiguous(), weight.to(x.dtype), initial_state=h0, output_final_state=True,
+                    activation="silu" if activation else None, cu_seqlens=cu_seqlens)
+    return y, h[..., 1:]
 
 
 def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
@@ -92,12 +136,9 @@ def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    xs = x[token_of]
-    h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)          # [M, 2I]
-    h = F.silu(h[:, :inter]) * h[:, inter:]
-    y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)              # [M, H]
-    # back to (token, slot) order and sum each token's k expert outputs: a gather, no atomics
+    h = torch._grouped_mm(x[token_of], gate_up.transpose(1, 2), offs=offs)          # [M, 2I]
+    h = _weighted_swiglu(h, weights.reshape(-1)[order], inter)
+    y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)                       # [M, H]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = y[inverse].view(N, k, -1).float()
-    return (y * weights.float()[..., None]).sum(1).to(x.dtype)
+    return _combine(y, inverse, k)

@@ -1,9 +1,14 @@
-"""Small pure-torch functions fused into single GPU kernels by torch.compile (Inductor), on CUDA only.
+"""Whole decoder layers compiled by torch.compile (Inductor) for decode and verification steps, on CUDA only.
 
-Decode on a GPU is bound by the number of kernels more than by their work: an RMSNorm written as plain torch ops
-is ~7 kernels. `cuda_fused(fn)` compiles fn once (dynamic shapes) the first time it sees CUDA inputs at inference
-(no autograd, no autocast) and falls back to eager if compilation fails; CPU calls and training always run
-eagerly, so the CPU path stays the plain reference.
+A small-batch step on a GPU is bound by the number of kernels (and, outside a CUDA graph, by the ~20 us of host
+time each eager op costs) more than by their work: an RMSNorm written as plain torch ops is ~7 kernels.
+`decode_compiled(fn)` compiles the whole decoder layer (norms, projection glue, gates, conv step, routing, expert
+dispatch, residuals) as one graph, the GPU kernels inside being opaque custom ops (ops/custom_ops.py): ~45
+kernels per layer instead of ~120 (H100 profile, benchmarks/profile_gpu.py). Shapes are "automatically
+dynamic": the batch size and the context length become symbolic after the first change, so a server does not
+recompile every step. (Compiling small functions one by one was tried and dropped: each compiled call cost
+~0.2 ms of host time, more than the kernels it saved.) Prefill and training run eagerly: their ops are large.
+
 QWEN3NEXT_COMPILE=0 turns it off.
 """
 from __future__ import annotations
@@ -17,22 +22,44 @@ import torch
 log = logging.getLogger("qwen3next.ops")
 
 
-def cuda_fused(fn):
+# decode-layer compilation settings; tests switch on CPU compilation with a cheap backend to check traceability.
+# "verify": compile speculative verification steps too. Off by default: their graph is compiled for static shapes
+# (Inductor's dynamic-shape code for it failed on an H100, torch 2.11), so every new context length would
+# recompile; it pays once the runner pads steps to fixed buckets (benchmarks turn it on to measure that case).
+DECODE = {"enabled": "auto", "backend": "inductor", "fullgraph": False, "verify": False}
+
+
+def decode_compiled(fn, dynamic: bool | None = None):
+    """fn(layer, *args) compiled once for all layers (parameters are graph inputs, so layers of one kind share
+    the compiled code). Used for decode and verification steps on CUDA (or anywhere with DECODE["enabled"] =
+    True); a compiler failure logs a warning and this wrapper runs the eager fn from then on (`wrapper.failed()`
+    says so). `dynamic`: torch.compile's (None = automatically dynamic after the first change of a shape)."""
     state = {"compiled": None, "failed": False}
 
     @functools.wraps(fn)
     def wrapper(*args):
-        # inference only: under autograd / autocast (training) each toggle would be a recompile
-        if (not args[0].is_cuda or state["failed"] or torch.is_grad_enabled() or torch.is_autocast_enabled("cuda")
-                or os.environ.get("QWEN3NEXT_COMPILE", "1") == "0"):
+        on = DECODE["enabled"]
+        if on == "auto":
+            on = args[1].is_cuda and os.environ.get("QWEN3NEXT_COMPILE", "1") != "0"
+        if not on or state["failed"] or torch.is_grad_enabled():
             return fn(*args)
         if state["compiled"] is None:
-            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
+            import torch._dynamo as dynamo
+            # one graph per layer kind and batch shape; 48 layers must not exhaust the recompile budget
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 256)
+            dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 1024)
+            state["compiled"] = torch.compile(fn, backend=DECODE["backend"], fullgraph=DECODE["fullgraph"],
+                                              dynamic=dynamic)
         try:
             return state["compiled"](*args)
         except Exception as e:  # noqa: BLE001 - a compiler failure must not take the model down
+            if DECODE["enabled"] is True and DECODE["fullgraph"]:
+                raise   # tests ask for the compiled path: fail loudly there
             state["failed"] = True
-            log.warning("torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__, e)
+            log.warning("torch.compile of %s failed (%s: %s); running it eagerly", fn.__name__, type(e).__name__,
+                        str(e)[:300])
             return fn(*args)
 
+    wrapper.reset = lambda: state.update(compiled=None, failed=False)
+    wrapper.failed = lambda: state["failed"]
     return wrapper

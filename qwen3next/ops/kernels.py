@@ -19,8 +19,11 @@ from . import moe as _moe
 _overrides: dict = {}
 
 
+_TORCH_ONLY = os.environ.get("QWEN3NEXT_KERNELS", "auto") == "torch"   # read once: compiled code cannot
+
+
 def _gpu(x) -> bool:
-    return x.is_cuda and os.environ.get("QWEN3NEXT_KERNELS", "auto") != "torch"
+    return x.is_cuda and not _TORCH_ONLY
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, **kw):
@@ -46,14 +49,26 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, **kw):
 def experts_forward(x, gate_up, down, ids, weights):
     if "experts_forward" in _overrides:
         return _overrides["experts_forward"](x, gate_up, down, ids, weights)
-    if _gpu(x) and x.dtype == gate_up.dtype == torch.bfloat16 and _cuda.has_grouped_mm():
-        return _cuda.experts_forward(x, gate_up, down, ids, weights)
+    if _gpu(x) and _cuda.has_grouped_mm():
+        if x.dtype == gate_up.dtype == torch.bfloat16 and (not _needs_grad(x, gate_up, down, weights)
+                                                          or _cuda.grouped_mm_backward_ok()):
+            return _cuda.experts_forward(x, gate_up, down, ids, weights)
+        if (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+                and _cuda.grouped_mm_backward_ok()):
+            # training with fp32 master weights: the bf16 copies autocast would make for a matmul anyway
+            bf = torch.bfloat16
+            return _cuda.experts_forward(x.to(bf), gate_up.to(bf), down.to(bf), ids, weights.to(bf))
     return _moe.experts_forward(x, gate_up, down, ids, weights)
 
 
 def causal_conv1d(x, weight, initial_state=None, **kw):
     if "causal_conv1d" in _overrides:
         return _overrides["causal_conv1d"](x, weight, initial_state, **kw)
+    # prefill chunks on GPU: fla's Triton conv (one kernel, varlen); a decode step stays in torch, where the
+    # compiled decode layer fuses it with its neighbours
+    if (_gpu(x) and x.shape[1] > 1 and not kw.get("output_all_states") and _cuda.has_fla()
+            and not _needs_grad(x, weight)):
+        return _cuda.causal_conv1d(x, weight, initial_state, **kw)
     return _conv.causal_conv1d(x, weight, initial_state, **kw)
 
 
@@ -66,9 +81,13 @@ def causal_attention(q, k, v, scale):
 def paged_attention(q, k_pages, v_pages, meta, scale):
     if "paged_attention" in _overrides:
         return _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
-    if _gpu(q) and meta.is_decode and _cuda.has_triton():
-        from .triton_attention import paged_decode_attention
-        return paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens,
+    if _gpu(q) and (meta.is_decode or meta.is_verify) and _cuda.has_triton():
+        from .custom_ops import paged_decode_attention
+        if meta.is_decode:
+            return paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens,
+                                          meta.max_context_len, scale)
+        # verification: every query token is its own "sequence" over its sequence's pages, seeing keys <= itself
+        return paged_decode_attention(q, k_pages, v_pages, meta.page_table[meta.token_seq], meta.positions + 1,
                                       meta.max_context_len, scale)
     return _attn.paged_attention(q, k_pages, v_pages, meta, scale)
 

@@ -1,0 +1,45 @@
+"""The GPU benchmark's own logic (scaling, floors, ratios, speculative round costs, table, JSON) on CPU with tiny
+configs: the numbers are meaningless here, the code paths and the report's shape are what is checked."""
+import json
+import math
+
+import pytest
+import torch
+
+from qwen3next import ModelConfig, bench
+
+
+@pytest.fixture
+def on_cpu():
+    bench.DEV.update(device="cpu", dtype=torch.float32)   # CPU bf16 matmuls are emulated (slow)
+    yield
+    bench.DEV.update(device="cuda", dtype=torch.bfloat16)
+
+
+def test_bench_runs_end_to_end_on_cpu(on_cpu, tmp_path):
+    common = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    nxt = ModelConfig(model_type="qwen3_next", num_hidden_layers=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                      linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=32, shared_expert_intermediate_size=32, **common)
+    dense = ModelConfig(model_type="qwen3", num_hidden_layers=16, intermediate_size=128, **common)
+    res = bench.run(layers=4, dense_layers=2, contexts=(32, 64), batches=(2,), with_transformers=False,
+                    out_dir=str(tmp_path), log=lambda *a: None, configs=(nxt, dense))
+    r = res["ratios"]
+    for key in ("prefill_4k_vs_dense", "prefill_32k_vs_dense", "decode_4k_vs_dense", "decode_32k_vs_dense",
+                "decode_b1_over_floor", "speculative_b1_implied_speedup", "speculative_b2_implied_speedup"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    sp = res["ours_next"]["speculative"]["b2"]
+    assert sp["round_ms"] == pytest.approx(sp["verify_whole_ms"] + sp["catch_up_ms"] + 2 * sp["draft_step_ms"])
+    assert sp["implied_speedup"] == pytest.approx(3.8 * sp["plain_step_ms"] / sp["round_ms"])
+    saved = json.loads((tmp_path / "latest.json").read_text())
+    assert saved["ratios"] == pytest.approx(r)
+    assert "MTP speculative decoding" in (tmp_path / "latest.md").read_text()
+
+
+def test_decode_bytes_counts_distinct_experts():
+    cfg = ModelConfig(model_type="qwen3_next", num_hidden_layers=4, hidden_size=64, num_experts=64,
+                      num_experts_per_tok=4, moe_intermediate_size=32, vocab_size=100)
+    one, many = bench.decode_bytes(cfg, 1, 0), bench.decode_bytes(cfg, 10_000, 0)
+    expert = 3 * 64 * 32 * 2
+    # batch 1 reads 4 experts per layer; a huge batch reads all 64 (plus per-token state and embeddings)
+    assert many - one > 4 * (64 - 4) * expert * 0.99

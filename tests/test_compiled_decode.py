@@ -1,0 +1,62 @@
+"""The compiled decode layer (ops/fused.decode_compiled) traces the whole decoder layer as one graph — no graph
+break (fullgraph), attention, Gated DeltaNet and dense layers, a batch that shrinks, a context that grows, a
+speculative verification step that keeps every GDN state — and gives the eager result. On CPU it is checked with the `aot_eager` backend (tracing and the functionalised graph,
+no code generation); the GPU run (benchmarks/check_gpu.py) checks Inductor's code against eager."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from hf_reference import hf_next
+
+from qwen3next import BatchMeta, HybridCache, load_model
+from qwen3next.ops import fused, kernels
+
+
+def _dense_experts(x, gate_up, down, ids, weights):
+    """Every expert on every token, masked: traceable without a data-dependent loop (the CPU reference loops over
+    the experts that received tokens; on CUDA the grouped-GEMM path is traceable as it is)."""
+    inter = down.shape[-1]
+    w = torch.zeros(x.shape[0], gate_up.shape[0], dtype=weights.dtype).scatter(1, ids, weights)
+    h = torch.einsum("nh,eih->nei", x, gate_up)
+    y = torch.einsum("nei,ehi->neh", F.silu(h[..., :inter]) * h[..., inter:], down)
+    return (y * w[..., None]).sum(1)
+
+
+@pytest.fixture
+def compiled_on_cpu():
+    kernels.use(experts_forward=_dense_experts)
+    yield
+    fused.DECODE.update(enabled="auto", backend="inductor", fullgraph=False, verify=False)
+    kernels.reset()
+
+
+@torch.inference_mode()
+def _decode_run(model, ids, compiled: bool):
+    fused.DECODE.update(enabled=compiled, backend="aot_eager", fullgraph=True, verify=True)
+    cache = HybridCache(model.config, 3, 30, 8, dtype=torch.float64)
+    tables = [list(range(i * 10, i * 10 + 10)) for i in range(3)]
+    meta = BatchMeta.build([20] * 3, [0] * 3, [0, 1, 2], tables, 8)
+    out = [model(ids[:, :20].reshape(-1), cache=cache, meta=meta).logits]
+    for t in range(20, 26):
+        B = 3 if t < 23 else 2          # a sequence leaves: the batch shape changes
+        meta = BatchMeta.build([1] * B, [t] * B, list(range(B)), tables[:B], 8)
+        out.append(model(ids[:B, t], cache=cache, meta=meta).logits)
+    # a speculative verification: 3 tokens per sequence, GDN states kept after each
+    meta = BatchMeta.build([3, 3], [26, 26], [0, 1], tables[:2], 8, keep_step_states=[True, True])
+    out.append(model(ids[:2, 26:29].reshape(-1), cache=cache, meta=meta).logits)
+    gdn = [layer for layer in cache.layers if hasattr(layer, "recurrent")]
+    out += [t for layer in gdn for i in (0, 1) for t in layer.steps[i]]
+    return out
+
+
+def test_compiled_decode_layer_equals_eager(tmp_path, compiled_on_cpu):
+    hf_next(seed=7, mlp_only_layers=[1]).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype=torch.float64)
+    ids = torch.randint(0, 97, (3, 29), generator=torch.Generator().manual_seed(2))
+    eager = _decode_run(model, ids, compiled=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = _decode_run(model, ids, compiled=True)
+    assert counters["stats"]["unique_graphs"] >= 4      # GDN+MoE, attention+MoE, GDN+dense MLP layers, verify
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
