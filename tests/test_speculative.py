@@ -142,3 +142,69 @@ def test_stats_reach_the_metrics_endpoint_collector(ckpt):
     assert fams["qwen3next_spec_draft_tokens"].samples[0].value == st["draft_tokens"] > 0
     assert fams["qwen3next_spec_mean_accepted_length"].samples[0].value == st["mean_accepted_length"]
     assert [s.labels["position"] for s in fams["qwen3next_spec_position_acceptance"].samples] == ["1", "2"]
+    assert {s.labels["batch_size"] for s in fams["qwen3next_spec_drafting"].samples} == \
+        set(st["policy"]["by_batch_size"])
+
+
+def test_policy_drafts_only_where_it_measured_a_gain():
+    from qwen3next.engine.speculative import SpeculationPolicy
+    pol = SpeculationPolicy(disable_batch_size=16, warmup=2, probe_every=10)
+
+    def run(n, spec_rate, plain_rate, steps):
+        choices = []
+        for _ in range(steps):
+            c = pol.choose(n)
+            choices.append(c)
+            pol.observe(n, c, 10, 10 / (spec_rate if c else plain_rate))
+        return choices
+
+    small = run(1, spec_rate=300.0, plain_rate=100.0, steps=40)     # drafting pays at batch 1
+    assert all(small[6:]) is False and sum(small[6:]) >= 30         # drafts, except the periodic probes
+    large = run(8, spec_rate=50.0, plain_rate=100.0, steps=40)      # and loses at batch 8-15
+    assert sum(large[6:]) <= 4                                      # only the probes draft
+    assert pol.as_dict()["by_batch_size"]["1"]["drafting"] is True
+    assert pol.as_dict()["by_batch_size"]["8-15"]["drafting"] is False
+    assert pol.choose(16) is False                                  # the hard cap
+    fixed = SpeculationPolicy(disable_batch_size=4, adaptive=False)
+    assert fixed.choose(3) is True and fixed.choose(4) is False
+
+
+def test_engine_switches_drafting_off_when_it_costs_more(ckpt, monkeypatch):
+    """Drafting made artificially slow: the engine measures that and stops drafting; the output is unchanged."""
+    import time as _time
+
+    from qwen3next.engine.speculative import Speculator
+    slow = Speculator.draft
+
+    def slow_draft(self, *a, **kw):
+        _time.sleep(0.05)
+        return slow(self, *a, **kw)
+
+    monkeypatch.setattr(Speculator, "draft", slow_draft)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ps = prompts(1, 97, seed=5)
+    ref = tokens(make(ckpt / "big").generate(ps, sp))
+    llm = make(ckpt / "big", speculative_tokens=1)
+    assert tokens(llm.generate(ps, sp)) == ref
+    st = llm.speculative_stats()
+    assert st["policy"]["by_batch_size"]["1"]["drafting"] is False
+    assert st["disabled_steps"] > 10 and st["verify_steps"] >= 4
+
+
+def test_pages_of_rejected_drafts_go_back_to_the_pool(ckpt):
+    """With 3 drafts and 2-token pages, rejected drafts often spill into pages of their own: after every step a
+    running sequence holds no page beyond those its tokens need (it fails without CacheManager.trim)."""
+    llm = make(ckpt / "big", speculative_tokens=3, page_size=2, speculative_adaptive=False)
+    eng = llm.engine
+    for i, p in enumerate(prompts(3, 97, seed=11)):
+        eng.add_request(p, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), request_id=str(i))
+    checked = 0
+    while eng.has_unfinished():
+        eng.step()
+        for s in eng.scheduler.running:
+            if s.num_computed == s.num_tokens - 1:            # between decode steps
+                assert len(s.pages) <= -(-s.num_tokens // 2)      # none beyond its tokens
+                checked += 1
+    st = llm.speculative_stats()
+    assert checked > 10 and st["accepted_tokens"] < st["draft_tokens"]     # some drafts were rejected
+    assert eng.usage()["pages_used"] == 0

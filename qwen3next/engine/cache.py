@@ -37,6 +37,13 @@ class CacheManager:
         for _ in range(self.pages_needed(seq, new_tokens)):
             seq.pages.append(self.free_pages.popleft())
 
+    def trim(self, seq: Sequence) -> None:
+        """Return the pages beyond what seq's tokens need: after speculative verification, the pages that only
+        held rejected drafts go back to the pool at once."""
+        keep = -(-seq.num_tokens // self.page_size)
+        while len(seq.pages) > keep:
+            self.free_pages.append(seq.pages.pop())
+
     def free(self, seq: Sequence) -> None:
         if seq.slot is not None:
             self.free_slots.append(seq.slot)

@@ -42,7 +42,8 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 512, num_kv_pages: int | None = None, page_size: int = 16,
                  kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None,
-                 speculative_tokens: int = 0, speculative_disable_batch_size: int = 16):
+                 speculative_tokens: int = 0, speculative_disable_batch_size: int = 16,
+                 speculative_adaptive: bool = True):
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -64,12 +65,13 @@ class LLMEngine:
         if speculative_tokens:
             from .speculative import Speculator
             self.speculator = Speculator(model, self.runner.cache, speculative_tokens, page_size,
-                                         speculative_disable_batch_size)
+                                         speculative_disable_batch_size, speculative_adaptive)
             self.scheduler.on_preempt = self.speculator.forget
             if self.runner.device.type == "cuda":
                 log.warning("speculative decoding on a GPU: this version verifies drafts without a CUDA graph, which "
                             "measured 0.15x (slower) at batch 1 and 1.0-1.4x at batch 16-64 with 80B-A3B shapes on "
-                            "an H100 at the published acceptance; see README, Benchmarks")
+                            "an H100 at the published acceptance; the adaptive policy switches drafting off where "
+                            "it measures a loss (README, Benchmarks)")
         self.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.generation_config = generation_config or {}
         gen_eos = self.generation_config.get("eos_token_id")
@@ -157,6 +159,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         spec = self.speculator
+        started = time.perf_counter()
         if spec is not None:
             self._plan_drafts()
         batch = self.scheduler.schedule()
@@ -169,6 +172,11 @@ class LLMEngine:
             if drafting:
                 spec.draft(drafting, self.generator)
         logits, row_of, hidden = self.runner.forward(batch)
+        # a pure decode step (every sequence: its one new token, plus drafts): what the speculation policy learns
+        # from (prefill chunks in the step would blur the comparison)
+        pure_decode = spec is not None and all(
+            n == 1 + (len(s.draft_tokens) if s.spec_k and s.draft_tokens else 0)
+            for s, n in zip(batch.seqs, batch.num_tokens))
         rows, verified, offset = [], [], 0
         for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             if s.spec_k and s.draft_tokens:
@@ -184,6 +192,9 @@ class LLMEngine:
             self._verify(verified, logits, row_of, hidden)
         if rows:
             self._sample([batch.seqs[i] for i in rows], logits[[row_of[i].start for i in rows]])
+        if pure_decode:
+            spec.policy.observe(len(batch.seqs), bool(verified), sum(len(s.delta_token_ids) for s in batch.seqs),
+                                time.perf_counter() - started)
         outputs = []
         for s in batch.seqs:
             if s.delta_token_ids or s.is_finished:
@@ -205,6 +216,8 @@ class LLMEngine:
                 self._append(s, t, 0.0, [], [], now)
                 if s.is_finished:
                     break
+            if not s.is_finished:
+                self.cache.trim(s)          # pages that only held rejected drafts
         if spec.stats.verify_steps // 500 != (spec.stats.verify_steps - len(verified)) // 500:
             log.info("speculative decoding: %s", spec.stats.as_dict())
         self.runner.cache.clear_step_states()
@@ -281,7 +294,9 @@ class LLMEngine:
 
     # ---- introspection --------------------------------------------------------------------------------------------
     def speculative_stats(self) -> dict | None:
-        return None if self.speculator is None else self.speculator.stats.as_dict()
+        if self.speculator is None:
+            return None
+        return {**self.speculator.stats.as_dict(), "policy": self.speculator.policy.as_dict()}
 
     def usage(self) -> dict:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),

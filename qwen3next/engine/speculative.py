@@ -10,8 +10,10 @@ them (and the token before them) in one forward of k+1 positions, and the longes
 - The recurrent state cannot be truncated: verification keeps the Gated DeltaNet state after every position and the
   engine commits the one after the last accepted token (HybridCache.commit_step_states). KV of rejected positions
   is simply overwritten later (it lies beyond the sequence's length).
-- Drafting stops paying when the batch is large (verification then costs k+1 times a decode step): at
-  `disable_batch_size` or more decoding sequences, no drafts are made and the stats say so.
+- Drafting stops paying when verification costs more than the accepted drafts save; where that happens depends on
+  the device, the batch and the text. `SpeculationPolicy` measures it: per batch-size bucket it compares the
+  tokens per second of decode steps with and without drafts and drafts only where that pays (re-probing now and
+  then); at `disable_batch_size` or more decoding sequences it never drafts. The stats say what it chose.
 Requests with penalties, min_tokens or logprobs decode normally (their per-token processing is sequential).
 """
 from __future__ import annotations
@@ -50,14 +52,74 @@ class SpeculativeStats:
         }
 
 
+class SpeculationPolicy:
+    """Whether to draft at this batch size, from measured throughput rather than a fixed rule.
+
+    Decoding sequences are bucketed by batch size (1, 2-3, 4-7, 8-15, ...). For each bucket it keeps an
+    exponential average of tokens emitted per second over pure decode steps, with drafting on and off. It tries
+    each mode `warmup` times (after one discarded step each, which may include compilation), then drafts only if
+    that was faster, and every `probe_every` steps of the bucket takes the other mode once, since acceptance and
+    costs drift with the text and the load. `adaptive=False` keeps only the hard cap."""
+
+    def __init__(self, disable_batch_size: int = 16, adaptive: bool = True, warmup: int = 3,
+                 probe_every: int = 64, alpha: float = 0.25):
+        self.disable_batch_size, self.adaptive = disable_batch_size, adaptive
+        self.warmup, self.probe_every, self.alpha = warmup, probe_every, alpha
+        self.buckets: dict[int, dict] = {}
+
+    @staticmethod
+    def bucket(num_decoding: int) -> int:
+        return num_decoding.bit_length()
+
+    def _state(self, b: int) -> dict:
+        return self.buckets.setdefault(b, {"rate": {True: None, False: None}, "seen": {True: 0, False: 0},
+                                           "steps": 0, "choice": True})
+
+    def choose(self, num_decoding: int) -> bool:
+        """True to draft in this step."""
+        if num_decoding >= self.disable_batch_size:
+            return False
+        if not self.adaptive:
+            return True
+        st = self._state(self.bucket(num_decoding))
+        st["steps"] += 1
+        for mode in (True, False):                          # explore: each mode, warmup + 1 times
+            if st["seen"][mode] <= self.warmup:
+                return mode
+        best = st["rate"][True] >= st["rate"][False]
+        st["choice"] = best
+        return (not best) if st["steps"] % self.probe_every == 0 else best
+
+    def observe(self, num_decoding: int, drafted: bool, tokens: int, seconds: float) -> None:
+        """One pure decode step: `tokens` emitted by `num_decoding` sequences in `seconds`."""
+        if not self.adaptive or seconds <= 0 or num_decoding >= self.disable_batch_size:
+            return
+        st = self._state(self.bucket(num_decoding))
+        st["seen"][drafted] += 1
+        if st["seen"][drafted] == 1:                        # the first one may include compilation: dropped
+            return
+        rate, old = tokens / seconds, st["rate"][drafted]
+        st["rate"][drafted] = rate if old is None else (1 - self.alpha) * old + self.alpha * rate
+
+    def as_dict(self) -> dict:
+        out = {}
+        for b, st in sorted(self.buckets.items()):
+            lo, hi = (1 << (b - 1)), (1 << b) - 1
+            out[f"{lo}-{hi}" if hi > lo else f"{lo}"] = {
+                "tokens_per_s_drafting": st["rate"][True], "tokens_per_s_plain": st["rate"][False],
+                "drafting": st["choice"]}
+        return {"adaptive": self.adaptive, "disable_batch_size": self.disable_batch_size, "by_batch_size": out}
+
+
 class Speculator:
-    def __init__(self, model, cache: HybridCache, k: int, page_size: int, disable_batch_size: int = 16):
+    def __init__(self, model, cache: HybridCache, k: int, page_size: int, disable_batch_size: int = 16,
+                 adaptive: bool = True):
         if model.mtp is None:
             raise ValueError("speculative_tokens needs a model with an MTP head (num_nextn_predict_layers >= 1)")
         if k < 1:
             raise ValueError(f"speculative_tokens must be >= 1 to speculate, got {k}")
         self.model, self.cache, self.k, self.page_size = model, cache, k, page_size
-        self.disable_batch_size = disable_batch_size
+        self.policy = SpeculationPolicy(disable_batch_size, adaptive)
         self.pending: dict[str, list[torch.Tensor]] = defaultdict(list)   # true hiddens the MTP has not seen
         self.mtp_done: dict[str, int] = defaultdict(int)                   # positions with exact MTP KV
         self.stats = SpeculativeStats(k)
@@ -70,7 +132,7 @@ class Speculator:
                 and p.min_tokens == 0 and p.logprobs is None)
 
     def drafts_for(self, num_decoding: int) -> int:
-        if num_decoding >= self.disable_batch_size:
+        if not self.policy.choose(num_decoding):
             self.stats.disabled_steps += 1
             return 0
         return self.k

@@ -47,7 +47,7 @@ class _EngineCollector:
                 ("qwen3next_spec_verify_steps", "sequence-steps that verified MTP drafts", spec["verify_steps"]),
                 ("qwen3next_spec_draft_tokens", "MTP draft tokens proposed", spec["draft_tokens"]),
                 ("qwen3next_spec_accepted_tokens", "MTP draft tokens accepted", spec["accepted_tokens"]),
-                ("qwen3next_spec_disabled_steps", "engine steps with drafting off (batch too large)",
+                ("qwen3next_spec_disabled_steps", "engine steps with drafting off (measured no gain, or batch cap)",
                  spec["disabled_steps"]),
             ]
             yield GaugeMetricFamily("qwen3next_spec_mean_accepted_length",
@@ -59,6 +59,12 @@ class _EngineCollector:
             for j, a in enumerate(spec["per_position_acceptance"]):
                 per_pos.add_metric([str(j + 1)], a or 0.0)
             yield per_pos
+            policy = GaugeMetricFamily("qwen3next_spec_drafting",
+                                       "1 where the adaptive policy drafts at this batch size, 0 where it measured "
+                                       "no gain", labels=["batch_size"])
+            for bucket, st in spec.get("policy", {}).get("by_batch_size", {}).items():
+                policy.add_metric([bucket], 1.0 if st["drafting"] else 0.0)
+            yield policy
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
 
