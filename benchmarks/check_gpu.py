@@ -188,6 +188,105 @@ def check_paged_decode():
         out = paged_decode_attention(q, kp, vp, meta.page_table, meta.context_lens, meta.max_context_len, D ** -0.5)
         ref = paged_attention(q.float(), kp.float(), vp.float(), meta, D ** -0.5)
         record(f"triton paged decode attention Hq{Hq}/Hkv{Hkv} D{D} page{page}", rel(out, ref), 2e-2)
+        # the bound a CUDA graph is captured with (the longest context) far above every real context
+        out = paged_decode_attention(q, kp, vp, meta.page_table, meta.context_lens, 65536, D ** -0.5)
+        record(f"  same, max_context_len bound 65536 (graph capture)", rel(out, ref), 2e-2)
+
+
+def check_gdn_decode():
+    """The fused in-place GDN decode step (ops/triton_gdn.py) against the reference on 80B-A3B shapes, and its
+    time against the unfused path (gather the states, fla's recurrent kernel, scatter them back), in CUDA graphs."""
+    from qwen3next import bench
+    from qwen3next.ops import gated_delta
+    from qwen3next.ops.triton_gdn import gated_delta_decode
+    Hk, Hv, dk, dv = 16, 32, 128, 128
+    torch.manual_seed(0)
+    print(f"{'batch':>6} {'fused us':>9} {'unfused us':>10} {'floor us':>9} {'fused/floor':>11} {'unfused/fused':>13}")
+    bw = bench.copy_bandwidth()
+    for S in (1, 16, 64):
+        pool = torch.randn(S + 3, Hv, dk, dv, device="cuda") * 0.1
+        q, k = [torch.randn(S, Hk, dk, device="cuda").bfloat16() for _ in range(2)]
+        v = torch.randn(S, Hv, dv, device="cuda").bfloat16()
+        a, b = torch.randn(S, Hv, device="cuda").bfloat16(), torch.randn(S, Hv, device="cuda").bfloat16()
+        A_log, dt_bias = torch.randn(Hv, device="cuda"), torch.randn(Hv, device="cuda")
+        slots = torch.randperm(S + 3, device="cuda")[:S]
+        fresh = torch.zeros(S, dtype=torch.bool, device="cuda")
+        fresh[0] = S > 1
+        want_pool = pool.double()
+        want = gated_delta.gated_delta_decode(q.double(), k.double(), v.double(), a.double(), b.double(),
+                                              A_log.double(), dt_bias.double(), want_pool, slots, fresh)
+        got_pool = pool.clone()
+        got = gated_delta_decode(q, k, v, a, b, A_log, dt_bias, got_pool, slots, fresh)
+        record(f"fused GDN decode step B={S}: output (bf16 in)", rel(got, want), 2e-2)
+        record(f"fused GDN decode step B={S}: state pool in place", rel(got_pool, want_pool), 1e-3)
+
+        def unfused():
+            beta, g = gated_delta.gates(b, a, A_log, dt_bias)
+            h0 = pool[slots].masked_fill(fresh[:, None, None, None], 0)
+            o, h1 = cuda_ops.recurrent_gated_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None],
+                                                        beta[:, None], initial_state=h0, output_final_state=True)
+            pool[slots] = h1
+            return o
+        with torch.inference_mode():
+            t_fused, _ = bench.time_step(lambda: gated_delta_decode(q, k, v, a, b, A_log, dt_bias, pool, slots, fresh))
+            t_unfused, _ = bench.time_step(unfused)
+        floor = 2 * S * Hv * dk * dv * 4 / bw
+        ROWS.append({"check": f"gdn decode timing B={S}", "fused_us": t_fused * 1e6, "unfused_us": t_unfused * 1e6,
+                     "floor_us": floor * 1e6, "ok": True})
+        print(f"{S:>6} {t_fused * 1e6:>9.1f} {t_unfused * 1e6:>10.1f} {floor * 1e6:>9.1f} {t_fused / floor:>11.2f} "
+              f"{t_unfused / t_fused:>13.2f}", flush=True)
+
+
+def check_moe_decode():
+    """The fused decode MoE (ops/triton_moe.py) against the fp32 reference on 80B-A3B shapes, and its time against
+    the grouped-GEMM path + shared MLP and the bandwidth floor, each in a CUDA graph: the crossover sets
+    kernels.MOE_DECODE_MAX_TOKENS."""
+    import torch.nn.functional as F
+    from qwen3next import bench
+    from qwen3next.ops import kernels
+    from qwen3next.ops.triton_moe import moe_decode
+    torch.manual_seed(0)
+    E, H, I, Is, k = 512, 2048, 512, 512, 10
+    gate_up = (torch.randn(E, 2 * I, H, device="cuda") * 0.02).bfloat16()
+    down = (torch.randn(E, H, I, device="cuda") * 0.02).bfloat16()
+    sg, su = [(torch.randn(Is, H, device="cuda") * 0.02).bfloat16() for _ in range(2)]
+    sd = (torch.randn(H, Is, device="cuda") * 0.02).bfloat16()
+    bw = bench.copy_bandwidth()
+    print(f"{'tokens':>6} {'fused us':>9} {'grouped us':>10} {'floor us':>9} {'fused/floor':>11} {'grouped/fused':>13}")
+    for T in (1, 2, 4, 8, 16, 32, 64):
+        x = torch.randn(T, H, device="cuda").bfloat16()
+        w, ids = ref_moe.route(torch.randn(T, E, device="cuda"), k, True)
+        w = w.bfloat16()
+        sw = torch.sigmoid(torch.randn(T, 1, device="cuda")).bfloat16()
+        fused_fn = lambda: moe_decode(x, gate_up, down, ids, w, sg, su, sd, sw).sum(1, dtype=torch.float32).to(x.dtype)  # noqa: E731
+        grouped_fn = lambda: cuda_ops.experts_forward(x, gate_up, down, ids, w) + sw * F.linear(  # noqa: E731
+            F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
+        ref = ref_moe.experts_forward(x.float(), gate_up.float(), down.float(), ids, w.float()) + sw.float() * \
+            F.linear(F.silu(F.linear(x.float(), sg.float())) * F.linear(x.float(), su.float()), sd.float())
+        if T in (1, 4, 16, 64):
+            record(f"fused decode MoE T={T} (bf16 vs fp32 reference)", rel(fused_fn(), ref), 2e-2)
+        with torch.inference_mode():
+            t_fused, _ = bench.time_step(fused_fn)
+            t_grouped, _ = bench.time_step(grouped_fn)
+        nbytes = (ids.unique().numel() * 3 * H * I + 3 * H * Is) * 2
+        floor = nbytes / bw
+        ROWS.append({"check": f"moe decode timing T={T}", "fused_us": t_fused * 1e6, "grouped_us": t_grouped * 1e6,
+                     "floor_us": floor * 1e6, "ok": True})
+        print(f"{T:>6} {t_fused * 1e6:>9.1f} {t_grouped * 1e6:>10.1f} {floor * 1e6:>9.1f} {t_fused / floor:>11.2f} "
+              f"{t_grouped / t_fused:>13.2f}", flush=True)
+    print(f"kernels.MOE_DECODE_MAX_TOKENS = {kernels.MOE_DECODE_MAX_TOKENS}")
+    from qwen3next.ops.triton_moe import route
+    for T in (1, 64, 4096):
+        logits = torch.randn(T, E, device="cuda").bfloat16()
+        w, ids = route(logits, k, True)
+        rw, rids = ref_moe.route(logits, k, True)
+        same = (ids.sort(-1).values == rids.sort(-1).values).all(-1).float().mean().item()
+        record(f"fused routing T={T}: weights (ids identical for {same:.1%} of tokens)", rel(w.sort(-1).values,
+               rw.sort(-1).values), 1e-2)
+        with torch.inference_mode():
+            t_fused, _ = bench.time_step(lambda: route(logits, k, True))
+            t_torch, _ = bench.time_step(lambda: ref_moe.route(logits, k, True))
+        print(f"  routing T={T}: fused {t_fused * 1e6:.1f} us, torch {t_torch * 1e6:.1f} us", flush=True)
 
 
 def check_end_to_end():
@@ -241,11 +340,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma-separated sections: gdn,moe,conv,paged,e2e (default: all; gdn is the slow one)")
+                    help="comma-separated sections: gdn,gdn_decode,moe,moe_decode,conv,paged,e2e (default: all; gdn is the slow one)")
+    ap.add_argument("--new-kernels", action="store_true",
+                    help="switch on the kernels not yet measured on a GPU (kernels.NEW_KERNELS: fused routing, "
+                         "in-place GDN decode step) for the end-to-end checks, as QWEN3NEXT_NEW_KERNELS=1 does")
     args = ap.parse_args()
-    only = set(args.only.split(",")) if args.only else {"gdn", "moe", "conv", "paged", "e2e"}
+    if args.new_kernels:
+        from qwen3next.ops import kernels
+        kernels.NEW_KERNELS = True
+    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "conv", "paged", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
-           "grouped_mm": cuda_ops.has_grouped_mm()}
+           "grouped_mm": cuda_ops.has_grouped_mm(), "new_kernels": args.new_kernels}
     try:
         import fla
         env["fla_version"] = fla.__version__
@@ -253,7 +358,9 @@ def main():
         pass
     print(env, flush=True)
     t = time.time()
-    for name, fn in (("gdn", check_gdn), ("moe", check_moe), ("conv", check_conv), ("paged", check_paged_decode),
+    for name, fn in (("gdn", check_gdn), ("gdn_decode", check_gdn_decode), ("moe", check_moe),
+                     ("moe_decode", check_moe_decode),
+                     ("conv", check_conv), ("paged", check_paged_decode),
                      ("e2e", check_end_to_end)):
         if name in only:
             fn()

@@ -60,7 +60,7 @@ def _sampling(args, llm):
 def _llm(args):
     from .engine.llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               speculative_tokens=args.speculative_tokens)
+               speculative_tokens=args.speculative_tokens, cuda_graphs=args.cuda_graphs)
 
 
 def _cmd_generate(args) -> int:
@@ -109,6 +109,8 @@ def _add_generation_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     s.add_argument("--max-model-len", type=int, default=None, help="context length to reserve")
     s.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: K drafts (0 = off)")
+    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
     s.add_argument("--max-tokens", type=int, default=None, help="tokens to generate at most (default 512)")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's generation_config)")
     s.add_argument("--top-p", type=float, default=None, help="nucleus sampling")

@@ -22,9 +22,19 @@ def _dense_experts(x, gate_up, down, ids, weights):
     return (y * w[..., None]).sum(1)
 
 
-@pytest.fixture
-def compiled_on_cpu():
+def _fused_moe(*args):
+    """The fused decode MoE as the opaque custom op it is on GPU (its CPU kernel is the torch reference)."""
+    from qwen3next.ops.custom_ops import moe_decode
+    return moe_decode(*args).sum(1).to(args[0].dtype)
+
+
+@pytest.fixture(params=["torch ops", "custom ops (fused MoE, routing, in-place GDN step)"])
+def compiled_on_cpu(request):
     kernels.use(experts_forward=_dense_experts)
+    if request.param != "torch ops":
+        from qwen3next.ops.custom_ops import gdn_decode, route
+        kernels.use(moe_decode=_fused_moe, route=route,
+                    gated_delta_decode=lambda *a: gdn_decode(*a, None))   # mutates the state pool in place
     yield
     fused.DECODE.update(enabled="auto", backend="inductor", fullgraph=False, verify=False)
     kernels.reset()

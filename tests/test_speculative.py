@@ -5,12 +5,10 @@ import math
 import pytest
 import torch
 
-from qwen3next import LLM, ModelConfig, SamplingParams, random_model, save_model
+from tiny_models import ENGINE_CFG
+from qwen3next import LLM, SamplingParams, random_model, save_model
 
-CFG = ModelConfig(vocab_size=6, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
-                  head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
-                  linear_value_head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                  shared_expert_intermediate_size=16, num_nextn_predict_layers=1, eos_token_id=None)
+CFG = ENGINE_CFG.replace(vocab_size=6)
 
 
 @pytest.fixture(scope="module")

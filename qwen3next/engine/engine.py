@@ -43,7 +43,7 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, num_kv_pages: int | None = None, page_size: int = 16,
                  kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None,
                  speculative_tokens: int = 0, speculative_disable_batch_size: int = 16,
-                 speculative_adaptive: bool = True):
+                 speculative_adaptive: bool = True, cuda_graphs: bool = True):
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -58,7 +58,10 @@ class LLMEngine:
         self.max_model_len = min(max_model_len, num_kv_pages * page_size)
         self.cache = CacheManager(max_num_seqs, num_kv_pages, page_size)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size, include_mtp=speculative_tokens > 0)
+        # cuda_graphs: on CUDA, pure decode steps replay a CUDA graph per batch-size bucket (graphs.py);
+        # QWEN3NEXT_CUDA_GRAPHS=0 also switches them off
+        self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size, include_mtp=speculative_tokens > 0,
+                                  max_model_len=self.max_model_len, cuda_graphs=cuda_graphs)
         self.speculator = None
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
@@ -303,7 +306,8 @@ class LLMEngine:
                 "slots_used": self.cache.slots_used, "slots_total": self.cache.num_slots,
                 "pages_used": self.cache.pages_used, "pages_total": self.cache.num_pages,
                 "preemptions": self.scheduler.num_preemptions,
-                **({"speculative": self.speculative_stats()} if self.speculator is not None else {})}
+                **({"speculative": self.speculative_stats()} if self.speculator is not None else {}),
+                **({"cuda_graphs": self.runner.graph_stats()} if self.runner.graphs is not None else {})}
 
 
 def read_generation_config(path: str | None) -> dict:

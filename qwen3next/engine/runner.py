@@ -1,24 +1,40 @@
 """Model runner: owns the device work — the cache tensors, batch tensors and the forward pass.
 
 It turns a scheduled batch into packed input ids + BatchMeta, runs the model, and returns the logits of the
-sequences that need a new token (those whose last scheduled token is their last known token).
+sequences that need a new token (those whose last scheduled token is their last known token). On CUDA, pure
+decode steps are replayed from CUDA graphs captured per batch-size bucket (graphs.py); everything else runs
+eagerly.
 """
 from __future__ import annotations
 
 import torch
 
 from ..model.cache import BatchMeta, HybridCache
+from .graphs import DecodeGraphs, graphs_enabled
 from .scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model, num_slots: int, num_pages: int, page_size: int, include_mtp: bool = False):
+    def __init__(self, model, num_slots: int, num_pages: int, page_size: int, include_mtp: bool = False,
+                 max_model_len: int | None = None, cuda_graphs: bool = True):
         self.model = model
         p = model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
-        self.cache = HybridCache(model.config, num_slots, num_pages, page_size, self.dtype, self.device,
+        # one state slot and one KV page more than the cache manager hands out (it knows only slots < num_slots,
+        # pages < num_pages): the scratch that padding rows of graph-replayed decode steps write into
+        self.cache = HybridCache(model.config, num_slots + 1, num_pages + 1, page_size, self.dtype, self.device,
                                  include_mtp=include_mtp)
-        self.page_size = page_size
+        self.num_slots, self.num_pages, self.page_size = num_slots, num_pages, page_size
+        self.max_model_len = max_model_len or num_pages * page_size
+        self.graphs: DecodeGraphs | None = self.decode_graphs() if graphs_enabled(self.device, cuda_graphs) else None
+        self.eager_steps = 0
+
+    def decode_graphs(self, capture: bool = True) -> DecodeGraphs:
+        """Decode steps through static buffers, captured in CUDA graphs (capture=False: the same path run eagerly,
+        how the CPU tests check it)."""
+        return DecodeGraphs(self.model, self.cache, scratch_slot=self.num_slots, scratch_page=self.num_pages,
+                            page_size=self.page_size, max_model_len=self.max_model_len, max_batch=self.num_slots,
+                            capture=capture)
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, dict[int, slice], torch.Tensor]:
@@ -26,6 +42,13 @@ class ModelRunner:
 
         A sequence gets logits rows when its last known token is in this step: one row, or 1 + k rows when it
         verifies k drafts (its drafts are appended to its tokens, and the GDN states after each are kept)."""
+        if self.graphs is not None and self.graphs.applies(batch):
+            out = self.graphs.run(batch.seqs)
+            if out is not None:   # copies: the next replay overwrites the static outputs
+                logits, hidden = out
+                return (logits.to(torch.float32, copy=True), {i: slice(i, i + 1) for i in range(len(batch))},
+                        hidden.clone())
+        self.eager_steps += 1
         seqs, counts = batch.seqs, batch.num_tokens
         ids, keep, rows, r = [], [], {}, 0
         offset = 0
@@ -46,3 +69,8 @@ class ModelRunner:
         out = self.model(input_ids, cache=self.cache, meta=meta,
                          logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
         return out.logits.float(), rows, out.hidden_states
+
+    def graph_stats(self) -> dict | None:
+        if self.graphs is None:
+            return None
+        return {**self.graphs.as_dict(), "eager_steps": self.eager_steps}

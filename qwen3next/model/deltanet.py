@@ -17,12 +17,10 @@ from ..ops import conv1d as conv_ops
 from ..ops import gated_delta as gdr_ops
 from ..ops import kernels
 from .cache import BatchMeta, GDNState
-from .norm import GatedRMSNorm, upcast
+from .norm import GatedRMSNorm
 
+gdn_gates = gdr_ops.gates      # beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias)
 
-def gdn_gates(b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
-    """beta = sigmoid(b) (write strength); g = -exp(A_log) * softplus(a + dt_bias), the log-decay (<= 0), in fp32."""
-    return torch.sigmoid(b), -upcast(A_log).exp() * F.softplus(upcast(a) + upcast(dt_bias))
 
 
 class DepthwiseConv(nn.Module):
@@ -70,14 +68,14 @@ class GatedDeltaNet(nn.Module):
         if state is not None:
             fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
             conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
-            rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
             if meta.keep_step_states is not None and any(meta.keep_step_states):
+                rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
                 o = self._forward_keeping_steps(mixed, b, a, conv_w, conv0, rec0, state, meta)
                 return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
-            if meta.is_decode:                         # one token per sequence: a plain batch of S sequences
-                mixed, z, b, a = (t.transpose(0, 1) for t in (mixed, z, b, a))
-            else:
-                cu = meta.cu_seqlens
+            if meta.is_decode:
+                return self._decode_step(mixed, z, b, a, conv_w, conv0, state, meta)
+            rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
+            cu = meta.cu_seqlens
         mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu)
         q, k, v = self._heads(mixed)
         beta, g = gdn_gates(b, a, self.A_log, self.dt_bias)
@@ -87,10 +85,20 @@ class GatedDeltaNet(nn.Module):
         if state is not None:
             state.conv[meta.slots] = conv_final.to(state.conv.dtype)
             state.recurrent[meta.slots] = rec_final.to(state.recurrent.dtype)
-            if meta.is_decode:
-                o, z = o.transpose(0, 1), z.transpose(0, 1)
         o = self.norm(o, z)
         return self.out_proj(o.reshape(B, T, self.value_dim))
+
+    def _decode_step(self, mixed, z, b, a, conv_w, conv0, state: GDNState, meta: BatchMeta) -> torch.Tensor:
+        """One token for each of S sequences (packed as [1, S, ...]): the conv step, then the delta rule with each
+        recurrent state updated in place in its slot (on GPU one fused kernel, ops/triton_gdn.py)."""
+        S = mixed.shape[1]
+        mixed, conv_final = kernels.causal_conv1d(mixed.transpose(0, 1), conv_w, conv0)     # [S, 1, C]
+        state.conv[meta.slots] = conv_final.to(state.conv.dtype)
+        q, k, v = self._heads(mixed)
+        o = kernels.gated_delta_decode(q[:, 0], k[:, 0], v[:, 0], a[0], b[0], self.A_log, self.dt_bias,
+                                       state.recurrent, meta.slots, meta.fresh)           # [S, Hv, dv]
+        o = self.norm(o[None], z)
+        return self.out_proj(o.reshape(1, S, self.value_dim))
 
     def _forward_keeping_steps(self, mixed, b, a, conv_w, conv0, rec0, state: GDNState, meta: BatchMeta):
         """Speculative verification: sequences flagged in meta.keep_step_states keep the conv and recurrent state

@@ -1,8 +1,8 @@
 """The GPU kernels that torch.compile must treat as opaque calls, registered as torch custom ops.
 
 A compiled decode layer (ops/fused.decode_compiled) fuses the small torch ops around these calls; the kernels
-themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention) are launched
-as they are. Each op has a "fake" implementation that only states the output shapes, which is all the compiler
+themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention and fused
+decode MoE) are launched as they are. Each op has a "fake" implementation that only states the output shapes, which is all the compiler
 needs. The implementations import their GPU libraries lazily, so registering the ops costs nothing on CPU.
 """
 from __future__ import annotations
@@ -42,3 +42,61 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
 @paged_decode_attention.register_fake
 def _(q, k_pages, v_pages, page_table, context_lens, max_context_len, scale):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("qwen3next::moe_decode", mutates_args=())
+def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+               shared_gate: torch.Tensor, shared_up: torch.Tensor, shared_down: torch.Tensor,
+               shared_weight: torch.Tensor) -> torch.Tensor:
+    """ops/triton_moe.moe_decode: x [T, H] -> per-slot expert outputs [T, k + 1, H] in fp32."""
+    from .triton_moe import moe_decode as kernel
+    return kernel(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight)
+
+
+@moe_decode.register_kernel("cpu")
+def _(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight):
+    # the torch reference, so that CPU tests can trace and run the op inside a compiled decode layer
+    from .moe import moe_per_slot
+    return moe_per_slot(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight)
+
+
+@moe_decode.register_fake
+def _(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight):
+    return x.new_empty(x.shape[0], ids.shape[1] + 1, x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+@torch.library.custom_op("qwen3next::route", mutates_args=())
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops/triton_moe.route: router logits [T, E] -> (weights [T, k], expert ids [T, k] int64)."""
+    from .triton_moe import route as kernel
+    return kernel(router_logits, top_k, norm_topk_prob)
+
+
+@route.register_kernel("cpu")
+def _(router_logits, top_k, norm_topk_prob):
+    from .moe import route as reference
+    w, ids = reference(router_logits, top_k, norm_topk_prob)
+    return w.contiguous(), ids.contiguous()
+
+
+@route.register_fake
+def _(router_logits, top_k, norm_topk_prob):
+    T = router_logits.shape[0]
+    return router_logits.new_empty(T, top_k), router_logits.new_empty(T, top_k, dtype=torch.long)
+
+
+@torch.library.custom_op("qwen3next::gdn_decode", mutates_args=("state",))
+def gdn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+               fresh: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """ops/triton_gdn.gated_delta_decode: one token per sequence, the state pool updated in place."""
+    if not q.is_cuda:     # the reference, so that CPU tests can trace and run the op in a compiled decode layer
+        from .gated_delta import gated_delta_decode as reference
+        return reference(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
+    from .triton_gdn import gated_delta_decode as kernel
+    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
+
+
+@gdn_decode.register_fake
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale):
+    return torch.empty_like(v)

@@ -127,3 +127,25 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         S = S * G_last[:, :, c].exp()[..., None, None] + k_to_end[:, :, c].transpose(-1, -2) @ u
     out = out.reshape(B, H, n * C, dv)[:, :, :T].transpose(1, 2)
     return out.to(out_dtype), (S if output_final_state else None)
+
+
+def gates(b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
+    """beta = sigmoid(b) (write strength); g = -exp(A_log) * softplus(a + dt_bias), the log-decay (<= 0), in fp32
+    (fp64 stays fp64)."""
+    up = lambda x: x if x.dtype == torch.float64 else x.float()  # noqa: E731
+    return torch.sigmoid(b), -up(A_log).exp() * torch.nn.functional.softplus(up(a) + up(dt_bias))
+
+
+def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None, rule=None):
+    """One decode token per sequence, the recurrent state updated IN PLACE in its slot of the state pool.
+
+    q, k [S, Hk, dk] and v [S, Hv, dv] (after the conv; l2-normalised here), a, b [S, Hv] (the raw gate
+    projections), state [num_slots, Hv, dk, dv] fp32, slots [S], fresh [S] bool (start from a zero state).
+    Returns o [S, Hv, dv] in v's dtype. The GPU version (ops/triton_gdn.py) reads and writes each state once.
+    `rule`: the recurrent delta rule to run between the gather and the scatter (default: this file's)."""
+    beta, g = gates(b, a, A_log, dt_bias)
+    h0 = state[slots].masked_fill(fresh[:, None, None, None], 0)
+    o, h1 = (rule or recurrent_gated_delta_rule)(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale=scale,
+                                       initial_state=h0, output_final_state=True)
+    state[slots] = h1.to(state.dtype)
+    return o[:, 0]

@@ -45,3 +45,19 @@ def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return ys[inverse].view(N, k, -1).sum(1)
+
+
+def moe_per_slot(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
+                 weights: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor,
+                 shared_down: torch.Tensor, shared_weight: torch.Tensor) -> torch.Tensor:
+    """Reference of the fused decode MoE (ops/triton_moe.py): each token's k routed expert outputs and its shared
+    expert output, each weighted, kept apart: [T, k + 1, H] in fp32 or wider (summing dim 1 gives the MoE block's output).
+    Gathers the selected experts' weights per token: meant for a few tokens."""
+    inter = down.shape[-1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    h = torch.einsum("th,tkih->tki", xf, gate_up[ids].to(acc))                        # [T, k, 2I]
+    h = F.silu(h[..., :inter]) * h[..., inter:] * weights.to(acc)[..., None]
+    routed = torch.einsum("tki,tkhi->tkh", h, down[ids].to(acc))
+    hs = F.silu(xf @ shared_gate.to(acc).T) * (xf @ shared_up.to(acc).T) * shared_weight.to(acc).reshape(-1, 1)
+    return torch.cat([routed, (hs @ shared_down.to(acc).T)[:, None]], dim=1)

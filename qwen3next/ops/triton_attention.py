@@ -15,7 +15,7 @@ import triton.language as tl
 def _decode_split_kernel(Q, K, V, PT, CTX, O, M, L, scale, stride_qs, stride_qh, stride_kr, stride_kh,
                          stride_pts, table_width, stride_os, stride_oh, stride_osp, stride_ms, stride_mh,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                         PAGES_PER_SPLIT: tl.constexpr):
+                         SPLITS: tl.constexpr):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -28,11 +28,16 @@ def _decode_split_kernel(Q, K, V, PT, CTX, O, M, L, scale, stride_qs, stride_qh,
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
     offs = tl.arange(0, PAGE)
-    for i in range(PAGES_PER_SPLIT):
-        pg = split * PAGES_PER_SPLIT + i
+    # this sequence's pages are dealt evenly to the SPLITS programs: the work follows its own context length,
+    # not the batch's maximum, so a CUDA graph captured for the longest context costs nothing extra on short ones
+    n_pages = tl.minimum((ctx + PAGE - 1) // PAGE, table_width)
+    per_split = (n_pages + SPLITS - 1) // SPLITS
+    first = split * per_split
+    last = tl.minimum(first + per_split, n_pages)
+    for pg in range(first, last):
         tok = pg * PAGE + offs
-        valid = (tok < ctx) & (pg < table_width)
-        page_id = tl.load(PT + s * stride_pts + pg, mask=pg < table_width, other=0)
+        valid = tok < ctx
+        page_id = tl.load(PT + s * stride_pts + pg)
         rows = page_id * PAGE + offs
         k = tl.load(K + rows[:, None] * stride_kr + kvh * stride_kh + d[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
@@ -54,14 +59,13 @@ def _decode_split_kernel(Q, K, V, PT, CTX, O, M, L, scale, stride_qs, stride_qh,
 def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
                            context_lens: torch.Tensor, max_context_len: int, scale: float,
                            target_programs: int = 264) -> torch.Tensor:
-    """q [S, Hq, D] (one token per sequence) -> [S, Hq, D]. `max_context_len` (a host int) sizes the splits."""
+    """q [S, Hq, D] (one token per sequence) -> [S, Hq, D]. `max_context_len` (a host int, an upper bound of
+    context_lens) only sets the number of splits; each sequence's work follows its own context length."""
     S, Hq, D = q.shape
     num_pages, page, Hkv, _ = k_pages.shape
     G = Hq // Hkv
     pages_total = max(1, -(-max_context_len // page))
     splits = max(1, min(pages_total, -(-target_programs // (S * Hkv))))
-    per_split = -(-pages_total // splits)
-    splits = -(-pages_total // per_split)
     o = torch.empty(S, Hq, splits, D, device=q.device, dtype=torch.float32)
     m = torch.empty(S, Hq, splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
@@ -71,7 +75,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     _decode_split_kernel[(S, Hkv, splits)](
         q, kf, vf, pt, ctx, o, m, l_, scale, q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), pt.stride(0),
         pt.shape[1], o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
-        G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=page, PAGES_PER_SPLIT=per_split)
+        G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=page, SPLITS=splits)
     # merge the splits: softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i
     M = m.max(dim=-1, keepdim=True).values
     w = torch.exp(m - M)

@@ -33,6 +33,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="memory for the attention KV cache")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP speculative decoding: draft K tokens per step (0 = off)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests in flight before new ones get 503 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -54,7 +56,8 @@ def serve_main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     engine_args = {k: getattr(args, k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
                                                  "kv_cache_gib", "speculative_tokens") if getattr(args, k) is not None}
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, seed=args.seed, **engine_args)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, seed=args.seed, cuda_graphs=args.cuda_graphs,
+              **engine_args)
     names = args.served_model_name or [os.path.basename(os.path.normpath(llm.model_path)) or "qwen3next"]
     run_server(llm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                served_model_name=names, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,

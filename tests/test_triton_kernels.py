@@ -1,0 +1,116 @@
+"""Our Triton kernels without a GPU: (1) executed by Triton's CPU interpreter against their torch references,
+(2) compiled for sm_90 (Hopper) to PTX, which catches typing and lowering errors. The GPU run of the same
+comparisons, with bf16 tolerances and timings, is benchmarks/check_gpu.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from qwen3next.ops import custom_ops, kernels, moe  # noqa: E402
+
+
+def test_kernels_match_references_in_the_triton_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("max error") == 12, r.stdout
+
+
+def _compile(fn, signature: dict, constants: dict):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig = {**signature, **{k: "constexpr" for k in constants}}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+
+
+def _ptrs(names, dtype):
+    return {n: f"*{dtype}" for n in names.split()}
+
+
+def _ints(names):
+    return {n: "i32" for n in names.split()}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_moe_kernels_compile_for_hopper(dtype):
+    from qwen3next.ops import triton_moe as m
+    up = _compile(m._up_kernel, {**_ptrs("X", dtype), "IDS": "*i32", "W": "*fp32", **_ptrs("GU SG SU", dtype),
+                                 "Hbuf": "*fp32", **_ints("stride_x stride_e stride_gu stride_s stride_h")},
+                  dict(K=10, S=11, I=512, IS=512, H=2048, BLOCK_I=16, BLOCK_H=256))
+    down = _compile(m._down_kernel, {"Hbuf": "*fp32", "IDS": "*i32", **_ptrs("D SD", dtype), "Y": "*fp32",
+                                     **_ints("stride_h stride_de stride_dr stride_sr stride_y")},
+                    dict(K=10, S=11, I=512, IS=512, KMAX=512, H=2048, BLOCK_N=32, BLOCK_K=128))
+    assert ".entry _up_kernel" in up.asm["ptx"] and ".entry _down_kernel" in down.asm["ptx"]
+
+
+def test_route_kernel_compiles_for_hopper():
+    from qwen3next.ops import triton_moe as m
+    k = _compile(m._route_kernel, {"LOGITS": "*bf16", "W": "*fp32", "IDS": "*i32", "stride_l": "i32"},
+                 dict(E=512, K=10, BLOCK_E=512, BLOCK_K=16, NORM=True))
+    assert ".entry _route_kernel" in k.asm["ptx"]
+
+
+def test_gdn_decode_kernel_compiles_for_hopper():
+    from qwen3next.ops import triton_gdn as g
+    k = _compile(g._gdn_decode_kernel,
+                 {**_ptrs("Q K V A B", "bf16"), **_ptrs("A_LOG DT_BIAS", "fp32"), "STATE": "*fp32", "SLOTS": "*i64",
+                  "FRESH": "*i8", "O": "*bf16", "scale": "fp32",
+                  **_ints("stride_qs stride_qh stride_ks stride_kh stride_vs stride_vh stride_as stride_ss stride_sh "
+                          "stride_os stride_oh")},
+                 dict(R=2, DK=128, DV=128, BK=128, BV=32))
+    assert ".entry _gdn_decode_kernel" in k.asm["ptx"]
+
+
+def test_paged_attention_kernel_compiles_for_hopper():
+    from qwen3next.ops import triton_attention as a
+    k = _compile(a._decode_split_kernel,
+                 {**_ptrs("Q K V", "bf16"), **_ptrs("PT CTX", "i32"), **_ptrs("O M L", "fp32"), "scale": "fp32",
+                  **_ints("stride_qs stride_qh stride_kr stride_kh stride_pts table_width stride_os stride_oh "
+                          "stride_osp stride_ms stride_mh")},
+                 dict(G=8, BLOCK_G=16, D=256, PAGE=64, SPLITS=132))
+    assert ".entry _decode_split_kernel" in k.asm["ptx"]
+
+
+def test_moe_reference_per_slot_sums_to_the_moe_block():
+    """ops/moe.moe_per_slot (the fused kernel's oracle, and the custom op's CPU kernel) is the MoE block."""
+    torch.manual_seed(1)
+    T, H, E, inter, inter_s, k = 5, 24, 7, 6, 10, 3
+    x = torch.randn(T, H, dtype=torch.float64)
+    gate_up, down = torch.randn(E, 2 * inter, H, dtype=torch.float64), torch.randn(E, H, inter, dtype=torch.float64)
+    weights, ids = moe.route(torch.randn(T, E, dtype=torch.float64), k, True)
+    sg, su = torch.randn(inter_s, H, dtype=torch.float64), torch.randn(inter_s, H, dtype=torch.float64)
+    sd, sw = torch.randn(H, inter_s, dtype=torch.float64), torch.rand(T, 1, dtype=torch.float64)
+    want = moe.experts_forward(x, gate_up, down, ids, weights) + sw * F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
+    got = custom_ops.moe_decode(x, gate_up, down, ids, weights, sg, su, sd, sw)
+    assert got.shape == (T, k + 1, H)
+    torch.testing.assert_close(got.sum(1).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_moe_block_takes_the_fused_path_with_same_output():
+    """SparseMoE hands the fused op the right tensors in the right order (routed and shared experts, the shared
+    gate): forcing the fused path (its CPU kernel is the reference) leaves the model's logits unchanged."""
+    from qwen3next.checkpoint import build_model
+    from qwen3next.config import ModelConfig
+    from qwen3next.model.init import init_weights
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                      linear_key_head_dim=8, linear_value_head_dim=8, num_experts=6, num_experts_per_tok=2,
+                      moe_intermediate_size=8, shared_expert_intermediate_size=12, num_nextn_predict_layers=0)
+    model = build_model(cfg, torch.float64, "cpu")
+    torch.manual_seed(0)
+    init_weights(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    want = model(ids).logits
+    kernels.use(moe_decode=lambda *a: custom_ops.moe_decode(*a).sum(1).to(a[0].dtype))
+    try:
+        got = model(ids).logits
+    finally:
+        kernels.reset()
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

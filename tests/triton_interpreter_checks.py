@@ -1,0 +1,98 @@
+"""Run by tests/test_triton_kernels.py in a subprocess with TRITON_INTERPRET=1: our Triton kernels executed by
+Triton's CPU interpreter against their torch references. Prints one line per check; exits non-zero on a mismatch."""
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run me with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+import triton.runtime.interpreter as _interp  # noqa: E402
+
+# Triton 3.6's interpreter turns a loop bound that is a loaded or computed scalar into an int with int(array),
+# which numpy >= 2.x refuses for its 1-element arrays; take the element explicitly (compiled kernels are unaffected)
+_orig_patch = _interp._patch_lang_tensor
+
+
+def _patch(tensor, scope):
+    _orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+
+_interp._patch_lang_tensor = _patch
+
+import torch.nn.functional as F  # noqa: E402
+
+from qwen3next.model.cache import BatchMeta  # noqa: E402
+from qwen3next.ops import attention, gated_delta, moe  # noqa: E402
+from qwen3next.ops.triton_gdn import gated_delta_decode  # noqa: E402
+from qwen3next.ops.triton_attention import paged_decode_attention  # noqa: E402
+from qwen3next.ops.triton_moe import moe_decode, route  # noqa: E402
+
+failures = []
+
+
+def check(name, got, want, tol):
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"{name}: max error / max value {err:.2e}")
+    if not err < tol:
+        failures.append(name)
+
+
+torch.manual_seed(0)
+# MoE: routed + shared (different intermediate sizes), routed only, one token
+for T, H, E, inter, inter_s, k, shared in [(3, 64, 8, 16, 32, 2, True), (1, 48, 6, 16, 16, 3, True),
+                                          (4, 40, 5, 8, 8, 2, False)]:
+    x = torch.randn(T, H)
+    gate_up, down = torch.randn(E, 2 * inter, H) / 8, torch.randn(E, H, inter) / 4
+    weights, ids = moe.route(torch.randn(T, E), k, True)
+    want = moe.experts_forward(x, gate_up, down, ids, weights)
+    args = [None] * 4
+    if shared:
+        args = [torch.randn(inter_s, H) / 8, torch.randn(inter_s, H) / 8, torch.randn(H, inter_s) / 4,
+                torch.sigmoid(torch.randn(T, 1))]
+        sg, su, sd, sw = args
+        want = want + sw * F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
+        per_slot = moe_decode(x, gate_up, down, ids, weights, *args)
+        check(f"moe_decode per slot T={T}", per_slot, moe.moe_per_slot(x, gate_up, down, ids, weights, *args), 1e-5)
+    check(f"moe_decode T={T} shared={shared}", moe_decode(x, gate_up, down, ids, weights, *args).sum(1), want, 1e-5)
+
+# routing: softmax over all experts, top-k (k not a power of two), renormalised or not
+for T, E, k, norm in [(3, 512, 10, True), (2, 20, 3, False), (1, 8, 8, True)]:
+    logits = torch.randn(T, E)
+    w, ids = route(logits, k, norm)
+    rw, rids = moe.route(logits, k, norm)
+    check(f"route T={T} E={E} k={k} weights", w, rw, 1e-6)
+    if not torch.equal(ids, rids):
+        print(f"route T={T} E={E} k={k}: ids differ")
+        failures.append("route ids")
+
+# Gated DeltaNet decode step, state in place: grouped value heads (2 key / 4 value heads), a fresh sequence whose
+# slot holds garbage, slots out of order, dv wider than one block of value columns
+Hk, Hv, dk, dv, S = 2, 4, 16, 48, 3
+q, k, v = torch.randn(S, Hk, dk), torch.randn(S, Hk, dk), torch.randn(S, Hv, dv)
+a, b = torch.randn(S, Hv) * 3, torch.randn(S, Hv)
+A_log, dt_bias = torch.randn(Hv), torch.randn(Hv)
+pool = torch.randn(5, Hv, dk, dv)
+slots, fresh = torch.tensor([4, 0, 2]), torch.tensor([False, True, False])
+want_pool = pool.clone()
+want = gated_delta.gated_delta_decode(q, k, v, a, b, A_log, dt_bias, want_pool, slots, fresh)
+got_pool = pool.clone()
+got = gated_delta_decode(q, k, v, a, b, A_log, dt_bias, got_pool, slots, fresh)
+check("gated_delta_decode output", got, want, 1e-5)
+check("gated_delta_decode state pool (in place)", got_pool, want_pool, 1e-5)
+
+# paged decode attention: ragged contexts (1 token, a page boundary, several pages), GQA, with the batch's key
+# length as the bound and with a much larger bound (a CUDA graph captured for the longest context)
+Hq, Hkv, D, page = 4, 2, 32, 16
+ctx, pages = [1, 17, 40], [[0], [1, 2], [3, 4, 5]]
+k_pages, v_pages = torch.randn(8, page, Hkv, D), torch.randn(8, page, Hkv, D)
+q = torch.randn(len(ctx), Hq, D)
+for bound in (None, 200):
+    meta = BatchMeta.build([1] * 3, [c - 1 for c in ctx], [0, 1, 2], pages, page, pad_context_to=bound)
+    want = attention.paged_attention(q, k_pages, v_pages, meta, D ** -0.5)
+    got = paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens, meta.max_context_len,
+                                 D ** -0.5, target_programs=8)
+    check(f"paged_decode_attention bound={meta.max_context_len}", got, want, 1e-5)
+
+if failures:
+    sys.exit(f"mismatches: {failures}")
