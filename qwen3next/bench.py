@@ -19,7 +19,7 @@ from .checkpoint import build_model
 from .config import FULL, ModelConfig, preset
 from .model.cache import BatchMeta, HybridCache
 from .model.init import init_weights
-from .ops import fused
+from .ops import fused, kernels
 
 
 # the device everything is built on: "cuda" for real runs; tests run the bench's logic on "cpu" with tiny configs
@@ -278,6 +278,7 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
     dev = torch.cuda.get_device_name() if _on_gpu() else "cpu"
     next_cfg, dense_cfg = configs or (preset("qwen3-next-80b-a3b"), preset("qwen3-32b"))
     res: dict = {"date": datetime.date.today().isoformat(), "device": dev, "torch": torch.__version__,
+                 "kernels": {"new_kernels": kernels.NEW_KERNELS, "moe_decode_max_tokens": kernels.MOE_DECODE_MAX_TOKENS},
                  "layers_measured": {"qwen3_next": layers, "qwen3_32b_dense": dense_layers},
                  "layers_full": {"qwen3_next": next_cfg.num_hidden_layers, "qwen3_32b_dense": dense_cfg.num_hidden_layers}}
     bw, flops = copy_bandwidth(), matmul_rate()

@@ -126,6 +126,9 @@ def _add_generation_args(s: argparse.ArgumentParser) -> None:
 
 def _cmd_bench(args) -> int:
     from .bench import run
+    if args.new_kernels:
+        from .ops import kernels
+        kernels.NEW_KERNELS = True
     run(layers=args.layers, dense_layers=args.dense_layers,
         contexts=tuple(int(x) for x in args.contexts.split(",")), batches=tuple(int(x) for x in args.batches.split(",")),
         with_transformers=not args.skip_transformers, out_dir=args.out)
@@ -179,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contexts", default="4096,32768", help="prefill lengths / decode contexts")
     s.add_argument("--batches", default="16,64", help="decode batch sizes besides 1 (at the first context)")
     s.add_argument("--skip-transformers", action="store_true", help="do not time the transformers peer")
+    s.add_argument("--new-kernels", action="store_true",
+                   help="also use the kernels not yet measured on a GPU (as QWEN3NEXT_NEW_KERNELS=1): fused "
+                        "routing, in-place Gated DeltaNet decode step")
     s.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plot go")
     s.set_defaults(fn=_cmd_bench)
 

@@ -71,7 +71,7 @@ def test_gdn_decode_kernel_compiles_for_hopper():
 def test_paged_attention_kernel_compiles_for_hopper():
     from qwen3next.ops import triton_attention as a
     k = _compile(a._decode_split_kernel,
-                 {**_ptrs("Q K V", "bf16"), **_ptrs("PT CTX", "i32"), **_ptrs("O M L", "fp32"), "scale": "fp32",
+                 {**_ptrs("Q K V", "bf16"), **_ptrs("PT CTX", "i64"), **_ptrs("O M L", "fp32"), "scale": "fp32",
                   **_ints("stride_qs stride_qh stride_kr stride_kh stride_pts table_width stride_os stride_oh "
                           "stride_osp stride_ms stride_mh")},
                  dict(G=8, BLOCK_G=16, D=256, PAGE=64, SPLITS=132))

@@ -70,8 +70,9 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     m = torch.empty(S, Hq, splits, device=q.device, dtype=torch.float32)
     l_ = torch.empty_like(m)
     kf, vf = k_pages.view(-1, Hkv, D), v_pages.view(-1, Hkv, D)
-    pt = page_table.to(torch.int32)
-    ctx = context_lens.to(torch.int32)
+    # the engine's int64 tables as they are: no conversion of a table as wide as the longest context in every
+    # layer, and 64-bit row offsets (page id x page size x row stride passes 2^31 in a KV pool of a few GiB)
+    pt, ctx = page_table.long(), context_lens.long()
     _decode_split_kernel[(S, Hkv, splits)](
         q, kf, vf, pt, ctx, o, m, l_, scale, q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), pt.stride(0),
         pt.shape[1], o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
