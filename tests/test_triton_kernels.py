@@ -87,7 +87,8 @@ def test_moe_reference_per_slot_sums_to_the_moe_block():
     weights, ids = moe.route(torch.randn(T, E, dtype=torch.float64), k, True)
     sg, su = torch.randn(inter_s, H, dtype=torch.float64), torch.randn(inter_s, H, dtype=torch.float64)
     sd, sw = torch.randn(H, inter_s, dtype=torch.float64), torch.rand(T, 1, dtype=torch.float64)
-    want = moe.experts_forward(x, gate_up, down, ids, weights) + sw * F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
+    shared = F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd)
+    want = moe.experts_forward(x, gate_up, down, ids, weights) + sw * shared
     got = custom_ops.moe_decode(x, gate_up, down, ids, weights, sg, su, sd, sw)
     assert got.shape == (T, k + 1, H)
     torch.testing.assert_close(got.sum(1).double(), want, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -18,9 +17,6 @@ from ..ops import gated_delta as gdr_ops
 from ..ops import kernels
 from .cache import BatchMeta, GDNState
 from .norm import GatedRMSNorm
-
-gdn_gates = gdr_ops.gates      # beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias)
-
 
 
 class DepthwiseConv(nn.Module):
@@ -78,7 +74,7 @@ class GatedDeltaNet(nn.Module):
             cu = meta.cu_seqlens
         mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu)
         q, k, v = self._heads(mixed)
-        beta, g = gdn_gates(b, a, self.A_log, self.dt_bias)
+        beta, g = gdr_ops.gates(b, a, self.A_log, self.dt_bias)
         rule = kernels.recurrent_gated_delta_rule if mixed.shape[1] == 1 else kernels.chunk_gated_delta_rule
         o, rec_final = rule(q, k, v, g, beta, initial_state=rec0, output_final_state=state is not None,
                             cu_seqlens=cu)
@@ -111,7 +107,7 @@ class GatedDeltaNet(nn.Module):
             B = mixed.shape[1] // T
             y, conv_states = conv_ops.causal_conv1d(mixed.view(B, T, -1), conv_w, conv0, output_all_states=True)
             q, k, v = self._heads(y)
-            beta, g = gdn_gates(b.view(B, T, -1), a.view(B, T, -1), self.A_log, self.dt_bias)
+            beta, g = gdr_ops.gates(b.view(B, T, -1), a.view(B, T, -1), self.A_log, self.dt_bias)
             o, rec_states = gdr_ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
                                                               output_all_states=True)
             state.steps = {i: (conv_states[i], rec_states[i]) for i in range(S)}
@@ -125,7 +121,7 @@ class GatedDeltaNet(nn.Module):
             y, conv_states = conv_ops.causal_conv1d(mixed[:, rows], conv_w, conv0[i:i + 1],
                                                     output_all_states=keep)
             q, k, v = self._heads(y)
-            beta, g = gdn_gates(b[:, rows], a[:, rows], self.A_log, self.dt_bias)
+            beta, g = gdr_ops.gates(b[:, rows], a[:, rows], self.A_log, self.dt_bias)
             if keep:
                 o, rec_states = gdr_ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0[i:i + 1],
                                                                   output_all_states=True)

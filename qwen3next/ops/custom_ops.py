@@ -1,9 +1,11 @@
 """The GPU kernels that torch.compile must treat as opaque calls, registered as torch custom ops.
 
 A compiled decode layer (ops/fused.decode_compiled) fuses the small torch ops around these calls; the kernels
-themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention and fused
-decode MoE) are launched as they are. Each op has a "fake" implementation that only states the output shapes, which is all the compiler
-needs. The implementations import their GPU libraries lazily, so registering the ops costs nothing on CPU.
+themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention, decode MoE,
+routing and GDN decode step) are launched as they are. Each op has a "fake" implementation that only states the
+output shapes, which is all the compiler needs. The decode MoE, routing and GDN ops also have a CPU kernel, the
+torch reference, so that CPU tests can trace and run them inside a compiled decode layer. The implementations
+import their GPU libraries lazily, so registering the ops costs nothing on CPU.
 """
 from __future__ import annotations
 
@@ -55,14 +57,14 @@ def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: 
 
 @moe_decode.register_kernel("cpu")
 def _(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight):
-    # the torch reference, so that CPU tests can trace and run the op inside a compiled decode layer
     from .moe import moe_per_slot
     return moe_per_slot(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight)
 
 
 @moe_decode.register_fake
 def _(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight):
-    return x.new_empty(x.shape[0], ids.shape[1] + 1, x.shape[1], dtype=torch.promote_types(x.dtype, torch.float32))
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return x.new_empty(x.shape[0], ids.shape[1] + 1, x.shape[1], dtype=acc)
 
 
 @torch.library.custom_op("qwen3next::route", mutates_args=())
@@ -90,11 +92,14 @@ def gdn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tenso
                A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
                fresh: torch.Tensor, scale: float | None) -> torch.Tensor:
     """ops/triton_gdn.gated_delta_decode: one token per sequence, the state pool updated in place."""
-    if not q.is_cuda:     # the reference, so that CPU tests can trace and run the op in a compiled decode layer
-        from .gated_delta import gated_delta_decode as reference
-        return reference(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
     from .triton_gdn import gated_delta_decode as kernel
     return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
+
+
+@gdn_decode.register_kernel("cpu")
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale):
+    from .gated_delta import gated_delta_decode as reference
+    return reference(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
 
 
 @gdn_decode.register_fake

@@ -132,7 +132,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 def gates(b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
     """beta = sigmoid(b) (write strength); g = -exp(A_log) * softplus(a + dt_bias), the log-decay (<= 0), in fp32
     (fp64 stays fp64)."""
-    up = lambda x: x if x.dtype == torch.float64 else x.float()  # noqa: E731
+    up = lambda x: x.to(_work_dtype(x))  # noqa: E731
     return torch.sigmoid(b), -up(A_log).exp() * torch.nn.functional.softplus(up(a) + up(dt_bias))
 
 
@@ -145,7 +145,8 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
     `rule`: the recurrent delta rule to run between the gather and the scatter (default: this file's)."""
     beta, g = gates(b, a, A_log, dt_bias)
     h0 = state[slots].masked_fill(fresh[:, None, None, None], 0)
-    o, h1 = (rule or recurrent_gated_delta_rule)(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale=scale,
-                                       initial_state=h0, output_final_state=True)
+    rule = rule or recurrent_gated_delta_rule
+    o, h1 = rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale=scale, initial_state=h0,
+                 output_final_state=True)
     state[slots] = h1.to(state.dtype)
     return o[:, 0]

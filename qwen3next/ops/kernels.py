@@ -61,7 +61,8 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
         from .custom_ops import gdn_decode
         return gdn_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
     # gather the states, the recurrent kernel (fla's on GPU), scatter them back
-    return _gdr.gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, rule=recurrent_gated_delta_rule)
+    return _gdr.gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh,
+                                   rule=recurrent_gated_delta_rule)
 
 
 def experts_forward(x, gate_up, down, ids, weights):

@@ -51,8 +51,8 @@ def moe_per_slot(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids
                  weights: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor,
                  shared_down: torch.Tensor, shared_weight: torch.Tensor) -> torch.Tensor:
     """Reference of the fused decode MoE (ops/triton_moe.py): each token's k routed expert outputs and its shared
-    expert output, each weighted, kept apart: [T, k + 1, H] in fp32 or wider (summing dim 1 gives the MoE block's output).
-    Gathers the selected experts' weights per token: meant for a few tokens."""
+    expert output, each weighted, kept apart: [T, k + 1, H] in fp32 or wider (summing dim 1 gives the MoE block's
+    output). Gathers the selected experts' weights per token: meant for a few tokens."""
     inter = down.shape[-1]
     acc = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(acc)
