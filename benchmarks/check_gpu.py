@@ -289,18 +289,78 @@ def check_moe_decode():
         print(f"  routing T={T}: fused {t_fused * 1e6:.1f} us, torch {t_torch * 1e6:.1f} us", flush=True)
 
 
-def check_end_to_end():
-    cfg = ModelConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
-                      linear_key_head_dim=64, linear_value_head_dim=64, num_experts=16, num_experts_per_tok=4,
-                      moe_intermediate_size=128, shared_expert_intermediate_size=128, num_nextn_predict_layers=1)
+def small_config(mtp_layers: int) -> ModelConfig:
+    """The small random Qwen3-Next of the end-to-end checks (every layer kind, GQA, grouped value heads)."""
+    return ModelConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+                       linear_key_head_dim=64, linear_value_head_dim=64, num_experts=16, num_experts_per_tok=4,
+                       moe_intermediate_size=128, shared_expert_intermediate_size=128,
+                       num_nextn_predict_layers=mtp_layers)
+
+
+def small_models(mtp_layers: int):
+    """For bf16 and fp32: (config, CPU fp32 model, ids [2, 300], its logits, dtype, tolerance, GPU model of the
+    same weights). fp32 on GPU is not bit-for-bit the CPU: fla's Triton kernels take TF32 dot products."""
+    cfg = small_config(mtp_layers)
     cpu = random_model(cfg, seed=0)
     ids = torch.randint(0, 1000, (2, 300))
+    ref = cpu(ids).logits
+    for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-2)):
+        yield cfg, cpu, ids, ref, dtype, tol, random_model(cfg, seed=0, dtype=dtype).cuda()
+
+
+def check_prefill_glue():
+    """The eager prefill path's Triton passes (ops/triton_norm.py, ops/triton_grouped.py) against their torch
+    references at 80B-A3B shapes for a 4K-token chunk (bf16), timed side by side in CUDA graphs; then a small
+    random model's prefill (whole, and packed with host boundaries through the cache) against the CPU fp32
+    reference, with the fused passes on."""
+    from qwen3next import bench
+    from qwen3next.ops import norm as ref_norm
+    from qwen3next.ops import triton_grouped, triton_norm
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    T, H, I, k = 4096, 2048, 512, 10
+    x = torch.randn(T, H, device="cuda", dtype=bf)
+    w = (torch.randn(H, device="cuda") * 0.1).to(bf)
+    o, z = [torch.randn(T, 32, 128, device="cuda", dtype=bf) for _ in range(2)]
+    wg = (1 + torch.randn(128, device="cuda") * 0.1).to(bf)
+    h = torch.randn(T * k, 2 * I, device="cuda", dtype=bf)
+    rw = torch.rand(T * k, device="cuda").to(bf)
+    y = torch.randn(T * k, H, device="cuda", dtype=bf)
+    inverse = torch.randperm(T * k, device="cuda")
+    cases = {
+        "rms_norm zero-centred [4096, 2048]": (lambda: triton_norm.rms_norm(x, w, 1e-6, True),
+                                                lambda: ref_norm.rms_norm(x, w, 1e-6, True)),
+        "gated rms_norm [4096, 32, 128]": (lambda: triton_norm.gated_rms_norm(o, z, wg, 1e-6),
+                                           lambda: ref_norm.gated_rms_norm(o, z, wg, 1e-6)),
+        "weighted swiglu [40960, 2x512]": (lambda: triton_grouped.weighted_swiglu(h, rw, I),
+                                           lambda: cuda_ops._weighted_swiglu(h, rw, I)),
+        "combine [40960, 2048] k=10": (lambda: triton_grouped.combine(y, inverse, k),
+                                       lambda: cuda_ops._combine(y, inverse, k)),
+    }
+    print(f"{'pass':40s} {'fused us':>9} {'torch us':>9} {'torch/fused':>11}")
+    for name, (fused_fn, torch_fn) in cases.items():
+        # bf16 vs bf16: the fused pass rounds once where torch rounds after each op
+        record(f"{name}: fused vs torch (bf16)", rel(fused_fn(), torch_fn()), 1e-2)
+        with torch.inference_mode():
+            tf, _ = bench.time_step(fused_fn)
+            tt, _ = bench.time_step(torch_fn)
+        ROWS.append({"check": f"prefill glue timing {name}", "fused_us": tf * 1e6, "torch_us": tt * 1e6, "ok": True})
+        print(f"{name:40s} {tf * 1e6:>9.1f} {tt * 1e6:>9.1f} {tt / tf:>11.2f}", flush=True)
     with torch.no_grad():
-        ref = cpu(ids).logits
-        # fp32 on GPU is not bit-for-bit the CPU: fla's Triton kernels take TF32 dot products (10-bit mantissa)
-        for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float32, 1e-2)):
-            gpu = random_model(cfg, seed=0, dtype=dtype).cuda()
+        for cfg, cpu, ids, ref, dtype, tol, gpu in small_models(mtp_layers=0):
+            record(f"prefill logits GPU {str(dtype)[6:]} vs CPU fp32 (fused passes)",
+                   rel(gpu(ids.cuda()).logits.float().cpu(), ref), tol)
+            cache = HybridCache(cfg, 2, 40, 16, dtype, "cuda")
+            meta = BatchMeta.build([300, 300], [0, 0], [0, 1], [list(range(20)), list(range(20, 40))], 16, "cuda")
+            out = gpu(ids.reshape(-1).cuda(), cache=cache, meta=meta).logits.float().cpu()
+            record(f"packed prefill (host boundaries) GPU {str(dtype)[6:]} vs CPU fp32", rel(out, ref.reshape(600, -1)),
+                   tol)
+
+
+def check_end_to_end():
+    with torch.no_grad():
+        for cfg, cpu, ids, ref, dtype, tol, gpu in small_models(mtp_layers=1):
             out = gpu(ids.cuda()).logits.float().cpu()
             record(f"end-to-end logits GPU {str(dtype)[6:]} vs CPU fp32", rel(out, ref), tol)
             cache = gpu.new_cache(2, 320)
@@ -340,17 +400,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma-separated sections: gdn,gdn_decode,moe,moe_decode,conv,paged,e2e (default: all; gdn is the slow one)")
-    ap.add_argument("--new-kernels", action="store_true",
-                    help="switch on the kernels not yet measured on a GPU (kernels.NEW_KERNELS: fused routing, "
-                         "in-place GDN decode step) for the end-to-end checks, as QWEN3NEXT_NEW_KERNELS=1 does")
+                    help="comma-separated sections: gdn,gdn_decode,moe,moe_decode,conv,paged,prefill,e2e (default: all; "
+                         "gdn is the slow one)")
+    ap.add_argument("--no-fused-step-kernels", action="store_true",
+                    help="run the end-to-end checks without the fused routing and GDN decode-step kernels "
+                         "(kernels.FUSED_STEP_KERNELS, as QWEN3NEXT_FUSED_STEP_KERNELS=0 does)")
     args = ap.parse_args()
-    if args.new_kernels:
-        from qwen3next.ops import kernels
-        kernels.NEW_KERNELS = True
-    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "conv", "paged", "e2e"}
+    from qwen3next.ops import kernels
+    if args.no_fused_step_kernels:
+        kernels.FUSED_STEP_KERNELS = False
+    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "conv", "paged",
+                                                                   "prefill", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
-           "grouped_mm": cuda_ops.has_grouped_mm(), "new_kernels": args.new_kernels}
+           "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
     try:
         import fla
         env["fla_version"] = fla.__version__
@@ -360,7 +422,7 @@ def main():
     t = time.time()
     for name, fn in (("gdn", check_gdn), ("gdn_decode", check_gdn_decode), ("moe", check_moe),
                      ("moe_decode", check_moe_decode),
-                     ("conv", check_conv), ("paged", check_paged_decode),
+                     ("conv", check_conv), ("paged", check_paged_decode), ("prefill", check_prefill_glue),
                      ("e2e", check_end_to_end)):
         if name in only:
             fn()

@@ -31,10 +31,11 @@ def run(device: str, dtype, graphs: bool, repeat: int = 2) -> dict:
         llm.engine.runner.graphs = llm.engine.runner.decode_graphs(capture=False)
     prompts = [llm.render_chat([{"role": "user", "content": f"What does {f} do?"}]) for f in QUESTIONS]
     sps = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in LENGTHS]
-    for _ in range(repeat):              # the first pass compiles the decode layers and captures the graphs
+    for i in range(repeat):              # the first pass compiles the decode layers and captures the graphs
         t = time.perf_counter()
-        outs = llm.generate(prompts, sps)
+        outs = llm.generate(prompts, sps, use_tqdm=False)
         batch_s = time.perf_counter() - t
+        print(f"  [{dtype}, graphs={graphs}] pass {i}: {batch_s:.1f} s", flush=True)
     t = time.perf_counter()
     llm.generate(prompts[:1], sps[:1])   # one request alone: bucket 1
     alone_s = time.perf_counter() - t

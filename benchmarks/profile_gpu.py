@@ -25,6 +25,8 @@ def parts(model, T, B=1, ctx=0, ps=64):
     meta = BatchMeta.build([T] * B, [ctx] * B, list(range(B)), [list(range(i * per_seq, (i + 1) * per_seq))
                                                                 for i in range(B)], ps, "cuda")
     x = torch.randn(1, B * T, H, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (B * T,), device="cuda")
+    keep = torch.arange(B, device="cuda") * T + T - 1
     pos = meta.positions[None]
     cos, sin = model.rotary(pos, x.dtype)
     L = model.model.layers
@@ -33,25 +35,26 @@ def parts(model, T, B=1, ctx=0, ps=64):
         "attention mixer": cuda_time(lambda: L[3].self_attn(x, cos, sin, cache[3], meta)),
         "moe (router+experts+shared)": cuda_time(lambda: L[0].mlp(x)),
         "rmsnorm": cuda_time(lambda: L[0].input_layernorm(x)),
-        "whole 4 layers (model fwd)": cuda_time(lambda: model(torch.zeros(B * T, dtype=torch.long, device="cuda"),
-                                                               cache=cache, meta=meta)),
+        "whole 4 layers (model fwd)": cuda_time(lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep)),
     }
     return out
 
 
 @torch.inference_mode()
-def top_kernels(model, T, B=1, ctx=0, ps=64, n=22):
+def top_kernels(model, T, B=1, ctx=0, ps=64, n=32):
     per_seq = _pages_for(ctx + T, ps)
     cache = HybridCache(model.config, B, B * per_seq, ps, torch.bfloat16, "cuda", include_mtp=False)
     meta = BatchMeta.build([T] * B, [ctx] * B, list(range(B)), [list(range(i * per_seq, (i + 1) * per_seq))
                                                                 for i in range(B)], ps, "cuda")
-    ids = torch.zeros(B * T, dtype=torch.long, device="cuda")
+    # random tokens: identical ones would route every token to the same experts
+    ids = torch.randint(0, model.config.vocab_size, (B * T,), device="cuda")
+    keep = torch.arange(B, device="cuda") * T + T - 1          # logits of each sequence's last token, as served
     for _ in range(2):
-        model(ids, cache=cache, meta=meta)
+        model(ids, cache=cache, meta=meta, logits_to_keep=keep)
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(ids, cache=cache, meta=meta)
+        model(ids, cache=cache, meta=meta, logits_to_keep=keep)
         torch.cuda.synchronize()
     evs = [e for e in prof.key_averages() if e.device_time_total > 0]
     evs.sort(key=lambda e: -e.device_time_total)
@@ -62,11 +65,18 @@ def top_kernels(model, T, B=1, ctx=0, ps=64, n=22):
         print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:110]}")
 
 
+CASES = {"prefill": ("prefill 4K", dict(T=4096)), "b1": ("decode b1 @4K", dict(T=1, ctx=4096)),
+         "b64": ("decode b64 @4K", dict(T=1, B=64, ctx=4096))}
+
+
 def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    args = ap.parse_args()
     torch.manual_seed(0)
     model = random_gpu_model(preset("qwen3-next-80b-a3b"), 4)
-    for label, kw in (("prefill 4K", dict(T=4096)), ("decode b1 @4K", dict(T=1, ctx=4096)),
-                      ("decode b64 @4K", dict(T=1, B=64, ctx=4096))):
+    for label, kw in (CASES[c] for c in args.only.split(",")):
         print(f"== {label}")
         for k, v in parts(model, **kw).items():
             print(f"  {k:32s} {v * 1e3:8.3f} ms")

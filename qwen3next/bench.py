@@ -3,7 +3,8 @@
 N layers of each model are built with random bf16 weights (as many as fit), timed, and scaled to the whole model:
 whole = (t_N - t_head) * L / N + t_head, where t_head (final norm + lm_head) is timed on its own. Every figure
 comes with its physical floor, from rates measured in the same run: bytes that must move / measured copy
-bandwidth (decode), FLOPs / measured bf16 matmul rate (prefill).
+bandwidth (decode); for prefill, per layer the longer of its FLOPs / measured bf16 matmul rate and its
+bytes / bandwidth (at 4K tokens a Qwen3-Next layer is bound by reading all its experts, not by FLOPs).
 """
 from __future__ import annotations
 
@@ -94,19 +95,42 @@ def layer_params(cfg: ModelConfig, kind: str, moe: bool) -> dict:
     return {"mixer": mixer, "dense_ffn": 3 * H * cfg.intermediate_size, "expert": 0, "experts": 0, "top_k": 0}
 
 
-def prefill_flops(cfg: ModelConfig, T: int) -> float:
-    """FLOPs of a T-token prefill (batch 1): weights, causal attention, chunked delta rule, lm_head for 1 token."""
-    total = 2 * cfg.hidden_size * cfg.vocab_size
+def _experts_hit(p: dict, tokens: int) -> float:
+    """Expected number of distinct experts that `tokens` tokens, each routed to top_k of E, read."""
+    return p["experts"] * (1 - (1 - p["top_k"] / p["experts"]) ** tokens) if p["experts"] else 0
+
+
+def _prefill_layers(cfg: ModelConfig, T: int, wbytes: int = 2):
+    """Per layer of a T-token prefill (batch 1): (FLOPs, bytes that must move). FLOPs: weights, causal attention,
+    chunked delta rule. Bytes: every weight the tokens touch read once (at 4K tokens all 512 experts: a 80B-A3B
+    layer's 3.2 GB of experts outweighs its 0.26 TFLOP), K/V or the recurrent state written once."""
     C = 64
+    out = []
     for i, kind in enumerate(cfg.layer_types):
         p = layer_params(cfg, kind, cfg.is_moe_layer(i))
-        total += 2 * T * (p["mixer"] + p["dense_ffn"] + p["top_k"] * p["expert"])
+        flops = 2 * T * (p["mixer"] + p["dense_ffn"] + p["top_k"] * p["expert"])
+        nbytes = (p["mixer"] + p["dense_ffn"] + _experts_hit(p, T) * p["expert"]) * wbytes
         if kind == FULL:
-            total += 2 * T * T * cfg.num_attention_heads * cfg.head_dim          # QK^T and PV, causal half
+            flops += 2 * T * T * cfg.num_attention_heads * cfg.head_dim          # QK^T and PV, causal half
+            nbytes += T * 2 * cfg.num_key_value_heads * cfg.head_dim * wbytes
         else:
             dk, dv, Hv = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_num_value_heads
-            total += T * Hv * (2 * C * (3 * dk + 2 * dv) + 6 * dk * dv)
-    return total
+            flops += T * Hv * (2 * C * (3 * dk + 2 * dv) + 6 * dk * dv)
+            nbytes += Hv * dk * dv * 4
+        out.append((flops, nbytes))
+    return out
+
+
+def prefill_flops(cfg: ModelConfig, T: int) -> float:
+    """FLOPs of a T-token prefill (batch 1), lm_head for the last token only."""
+    return 2 * cfg.hidden_size * cfg.vocab_size + sum(f for f, _ in _prefill_layers(cfg, T))
+
+
+def prefill_floor(cfg: ModelConfig, T: int, flops_per_s: float, bytes_per_s: float) -> float:
+    """Seconds a T-token prefill cannot beat: each layer takes at least the longer of its FLOPs at the measured
+    matmul rate and its bytes at the measured copy bandwidth (a layer is compute- or bandwidth-bound, not both)."""
+    head = max(2 * cfg.hidden_size * cfg.vocab_size / flops_per_s, cfg.hidden_size * cfg.vocab_size * 2 / bytes_per_s)
+    return head + sum(max(f / flops_per_s, b / bytes_per_s) for f, b in _prefill_layers(cfg, T))
 
 
 def decode_bytes(cfg: ModelConfig, batch: int, ctx: int, wbytes: int = 2) -> float:
@@ -115,8 +139,7 @@ def decode_bytes(cfg: ModelConfig, batch: int, ctx: int, wbytes: int = 2) -> flo
     total = cfg.vocab_size * cfg.hidden_size * wbytes + batch * cfg.hidden_size * wbytes
     for i, kind in enumerate(cfg.layer_types):
         p = layer_params(cfg, kind, cfg.is_moe_layer(i))
-        hit = p["experts"] * (1 - (1 - p["top_k"] / p["experts"]) ** batch) if p["experts"] else 0
-        total += (p["mixer"] + p["dense_ffn"] + hit * p["expert"]) * wbytes
+        total += (p["mixer"] + p["dense_ffn"] + _experts_hit(p, batch) * p["expert"]) * wbytes
         if kind == FULL:
             total += batch * ctx * 2 * cfg.num_key_value_heads * cfg.head_dim * wbytes
         else:
@@ -139,13 +162,27 @@ def _pages_for(tokens: int, page_size: int) -> int:
 
 
 @torch.inference_mode()
-def time_prefill(model, T: int, page_size: int = 64) -> float:
+def time_prefill(model, T: int, page_size: int = 64) -> tuple[float, dict]:
+    """Seconds of a T-token prefill through the engine's path (paged cache, last token's logits), on the faster
+    of the two elementwise paths (Triton passes, or torch ops: kernels.FUSED_ELEMENTWISE), both timed side by
+    side. Returns (seconds, {path: seconds})."""
     cache = HybridCache(model.config, 1, _pages_for(T, page_size), page_size, DEV["dtype"], DEV["device"],
                         include_mtp=False)
     ids = torch.randint(0, model.config.vocab_size, (T,), device=DEV["device"])
     meta = BatchMeta.build([T], [0], [0], [list(range(_pages_for(T, page_size)))], page_size, DEV["device"])
     keep = torch.tensor([T - 1], device=DEV["device"])
-    return cuda_time(lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep), 2, 5)
+    paths, default = {}, kernels.FUSED_ELEMENTWISE
+    for path, on in (("fused_elementwise", True), ("torch_elementwise", False)):
+        kernels.FUSED_ELEMENTWISE = on
+        try:
+            paths[path] = cuda_time(lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep), 2, 5)
+        except Exception as e:  # noqa: BLE001 - one failing path is reported; the other still times
+            print(f"  prefill on the {path} path failed: {type(e).__name__}: {str(e)[:300]}")
+            if not on:
+                raise
+        finally:
+            kernels.FUSED_ELEMENTWISE = default
+    return min(paths.values()), paths
 
 
 def time_step(step, warmup: int = 3, graph: bool = True) -> tuple[float, bool]:
@@ -231,8 +268,10 @@ def time_speculative(model, batch: int, ctx: int, k: int) -> dict:
 
 @torch.inference_mode()
 def time_head(model, tokens: int) -> float:
+    """Final norm + lm_head, in a CUDA graph like the steps it is subtracted from (timed eagerly, its launch gaps
+    made the head look slower and so the scaled whole-model step faster: up to 0.2 ms at batch 1, 2026-11-23)."""
     h = torch.randn(1, tokens, model.config.hidden_size, device=DEV["device"], dtype=DEV["dtype"])
-    return cuda_time(lambda: model.lm_head(model.model.norm(h)), 3, 10)
+    return time_step(lambda: model.lm_head(model.model.norm(h)))[0]
 
 
 # ---- transformers peer --------------------------------------------------------------------------------------------
@@ -278,7 +317,8 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
     dev = torch.cuda.get_device_name() if _on_gpu() else "cpu"
     next_cfg, dense_cfg = configs or (preset("qwen3-next-80b-a3b"), preset("qwen3-32b"))
     res: dict = {"date": datetime.date.today().isoformat(), "device": dev, "torch": torch.__version__,
-                 "kernels": {"new_kernels": kernels.NEW_KERNELS, "moe_decode_max_tokens": kernels.MOE_DECODE_MAX_TOKENS},
+                 "kernels": {"fused_step_kernels": kernels.FUSED_STEP_KERNELS,
+                             "fused_elementwise": kernels.FUSED_ELEMENTWISE, "moe_decode_max_tokens": kernels.MOE_DECODE_MAX_TOKENS},
                  "layers_measured": {"qwen3_next": layers, "qwen3_32b_dense": dense_layers},
                  "layers_full": {"qwen3_next": next_cfg.num_hidden_layers, "qwen3_32b_dense": dense_cfg.num_hidden_layers}}
     bw, flops = copy_bandwidth(), matmul_rate()
@@ -290,12 +330,15 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
         L = cfg.num_hidden_layers
         r: dict = {"prefill": {}, "decode": {}}
         for T in contexts:
-            t, th = time_prefill(m, T), time_head(m, 1)
+            (t, paths), th = time_prefill(m, T), time_head(m, 1)
             whole = (t - th) * L / n + th
-            floor = prefill_flops(cfg, T) / flops
+            floor = prefill_floor(cfg, T, flops, bw)
             r["prefill"][T] = {"ms_measured": t * 1e3, "ms_whole": whole * 1e3, "tok_s_whole": T / whole,
-                               "floor_ms_whole": floor * 1e3, "over_floor": whole / floor}
-            log(f"  {name} prefill {T}: {T / whole:,.0f} tok/s whole-model ({whole / floor:.2f}x floor)")
+                               "floor_ms_whole": floor * 1e3, "over_floor": whole / floor,
+                               "ms_measured_by_path": {p: v * 1e3 for p, v in paths.items()},
+                               "path": min(paths, key=paths.get)}
+            log(f"  {name} prefill {T}: {T / whole:,.0f} tok/s whole-model ({whole / floor:.2f}x floor; "
+                + ", ".join(f"{p} {v * 1e3:.2f} ms" for p, v in paths.items()) + " measured)")
         for B in (1, *batches):
             for ctx in (contexts if B == 1 else contexts[:1]):
                 t, graphed, paths = time_decode(m, B, ctx)

@@ -126,12 +126,12 @@ def _add_generation_args(s: argparse.ArgumentParser) -> None:
 
 def _cmd_bench(args) -> int:
     from .bench import run
-    if args.new_kernels:
+    if args.no_fused_step_kernels:
         from .ops import kernels
-        kernels.NEW_KERNELS = True
+        kernels.FUSED_STEP_KERNELS = False
     run(layers=args.layers, dense_layers=args.dense_layers,
         contexts=tuple(int(x) for x in args.contexts.split(",")), batches=tuple(int(x) for x in args.batches.split(",")),
-        with_transformers=not args.skip_transformers, out_dir=args.out)
+        with_transformers=not args.skip_transformers, out_dir=args.out, spec_k=args.spec_k)
     return 0
 
 
@@ -182,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--contexts", default="4096,32768", help="prefill lengths / decode contexts")
     s.add_argument("--batches", default="16,64", help="decode batch sizes besides 1 (at the first context)")
     s.add_argument("--skip-transformers", action="store_true", help="do not time the transformers peer")
-    s.add_argument("--new-kernels", action="store_true",
-                   help="also use the kernels not yet measured on a GPU (as QWEN3NEXT_NEW_KERNELS=1): fused "
-                        "routing, in-place Gated DeltaNet decode step")
+    s.add_argument("--no-fused-step-kernels", action="store_true",
+                   help="use torch's routing and the unfused Gated DeltaNet decode step (as "
+                        "QWEN3NEXT_FUSED_STEP_KERNELS=0), to compare")
+    s.add_argument("--spec-k", type=int, default=3,
+                   help="drafts per MTP speculative round to time (0 skips the speculative measurement)")
     s.add_argument("--out", default="benchmarks/results", help="where the JSON, table and plot go")
     s.set_defaults(fn=_cmd_bench)
 

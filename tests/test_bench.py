@@ -43,3 +43,17 @@ def test_decode_bytes_counts_distinct_experts():
     expert = 3 * 64 * 32 * 2
     # batch 1 reads 4 experts per layer; a huge batch reads all 64 (plus per-token state and embeddings)
     assert many - one > 4 * (64 - 4) * expert * 0.99
+
+
+def test_prefill_floor_is_the_slower_of_compute_and_weight_traffic_per_layer():
+    cfg = ModelConfig(model_type="qwen3_next", num_hidden_layers=4, hidden_size=64, num_experts=64,
+                      num_experts_per_tok=4, moe_intermediate_size=32, vocab_size=100)
+    flops, bw = 1e12, 1e9
+    for T in (1, 64, 4096):
+        by_flops = bench.prefill_flops(cfg, T) / flops
+        assert bench.prefill_floor(cfg, T, flops, bw) >= by_flops
+    # with free compute only the bytes are left: every expert read once, however many tokens hit it
+    expert = 3 * 64 * 32 * 2
+    kv_per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.layer_types.count("full_attention")
+    grow = bench.prefill_floor(cfg, 10_000, 1e30, 1.0) - bench.prefill_floor(cfg, 1, 1e30, 1.0)
+    assert grow - 9_999 * kv_per_token == pytest.approx(4 * (64 - 4) * expert, rel=1e-6)

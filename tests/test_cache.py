@@ -93,3 +93,31 @@ def test_mtp_cached_equals_full():
         meta = BatchMeta.build([1], [t], [0], [list(range(8))], 8)
         outs.append(m.mtp_forward(h[:, t:t + 1], ids[:, t + 1:t + 2], cache=cache, meta=meta)[0][0])
     assert rel_err(torch.cat(outs), full[0]) < 1e-10
+
+
+@torch.no_grad()
+def test_packed_prefill_hands_host_boundaries_to_the_gdn_ops(model, ids):
+    """fla's varlen kernels read cu_seqlens back from the device unless given a host copy (a sync per layer); the
+    model passes BatchMeta's host copy to the conv and the chunked rule, and the ops agree with and without it."""
+    from qwen3next.ops import conv1d, cuda, gated_delta, kernels
+    seen = []
+
+    def spy(ref):
+        def op(*a, **kw):
+            seen.append(kw.get("cu_seqlens_cpu"))
+            return ref(*a, **kw)
+        return op
+    kernels.use(causal_conv1d=spy(conv1d.causal_conv1d), chunk_gated_delta_rule=spy(gated_delta.chunk_gated_delta_rule))
+    try:
+        cache = HybridCache(model.config, num_slots=2, num_pages=30, page_size=8, dtype=torch.float64)
+        meta = BatchMeta.build([100, 20], [0, 0], [0, 1], [list(range(13)), list(range(13, 16))], 8)
+        model(torch.cat([ids[0, :100], ids[1, :20]]), cache=cache, meta=meta)
+    finally:
+        kernels.reset()
+    n_gdn = model.config.layer_types.count("linear_attention")
+    assert len(seen) == 2 * n_gdn
+    assert all(h is not None and h.device.type == "cpu" and h.tolist() == [0, 100, 120] for h in seen)
+    # an fla without the argument is called without it; one with it gets it
+    assert cuda._host_bounds(lambda x, cu_seqlens=None: 0, meta.cu_seqlens_cpu) == {}
+    assert cuda._host_bounds(lambda x, cu_seqlens_cpu=None: 0, meta.cu_seqlens_cpu)["cu_seqlens_cpu"] is \
+        meta.cu_seqlens_cpu

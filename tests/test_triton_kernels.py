@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 12, r.stdout
+    assert r.stdout.count("max error") == 17, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -76,6 +76,23 @@ def test_paged_attention_kernel_compiles_for_hopper():
                           "stride_osp stride_ms stride_mh")},
                  dict(G=8, BLOCK_G=16, D=256, PAGE=64, SPLITS=132))
     assert ".entry _decode_split_kernel" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_norm_kernel_compiles_for_hopper(mode):
+    from qwen3next.ops import triton_norm as n
+    k = _compile(n._rms_norm_kernel, {**_ptrs("X Wt G Y", "bf16"), **_ints("n_rows stride_x stride_g stride_y"),
+                                      "eps": "fp32"}, dict(N=2048, BLOCK_N=2048, ROWS=2, MODE=mode))
+    assert ".entry _rms_norm_kernel" in k.asm["ptx"]
+
+
+def test_grouped_glue_kernels_compile_for_hopper():
+    from qwen3next.ops import triton_grouped as g
+    s = _compile(g._swiglu_kernel, {**_ptrs("Hin", "bf16"), "Wt": "*bf16", "Out": "*bf16",
+                                    **_ints("M stride_h stride_o")}, dict(I=512, ROWS=16, BLOCK_I=256))
+    c = _compile(g._combine_kernel, {"Y": "*bf16", "INV": "*i64", "Out": "*bf16", **_ints("stride_y stride_o")},
+                 dict(K=10, H=2048, BLOCK_H=1024))
+    assert ".entry _swiglu_kernel" in s.asm["ptx"] and ".entry _combine_kernel" in c.asm["ptx"]
 
 
 def test_moe_reference_per_slot_sums_to_the_moe_block():

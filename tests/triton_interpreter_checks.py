@@ -24,6 +24,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from qwen3next.model.cache import BatchMeta  # noqa: E402
 from qwen3next.ops import attention, gated_delta, moe  # noqa: E402
+from qwen3next.ops import norm as norm_ops  # noqa: E402
+from qwen3next.ops import cuda as cuda_ops  # noqa: E402
+from qwen3next.ops import triton_grouped, triton_norm  # noqa: E402
 from qwen3next.ops.triton_gdn import gated_delta_decode  # noqa: E402
 from qwen3next.ops.triton_attention import paged_decode_attention  # noqa: E402
 from qwen3next.ops.triton_moe import moe_decode, route  # noqa: E402
@@ -93,6 +96,22 @@ for bound in (None, 200):
     got = paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens, meta.max_context_len,
                                  D ** -0.5, target_programs=8)
     check(f"paged_decode_attention bound={meta.max_context_len}", got, want, 1e-5)
+
+# RMS norms: zero-centred, plain, gated; a row width that is not a power of two, a strided (non-contiguous) input
+x, z = torch.randn(7, 3, 48), torch.randn(7, 3, 48)
+w = torch.randn(48) * 0.2
+check("rms_norm zero-centred", triton_norm.rms_norm(x, w, 1e-6, True), norm_ops.rms_norm(x, w, 1e-6, True), 1e-5)
+xs = torch.randn(5, 96)[:, ::2]
+check("rms_norm plain, strided rows", triton_norm.rms_norm(xs, w + 1, 1e-6, False),
+      norm_ops.rms_norm(xs, w + 1, 1e-6, False), 1e-5)
+check("gated_rms_norm", triton_norm.gated_rms_norm(x, z, w + 1, 1e-6), norm_ops.gated_rms_norm(x, z, w + 1, 1e-6), 1e-5)
+
+# the grouped experts' glue: weighted SwiGLU (intermediate not a power of two) and the combine back to tokens
+M, inter, N, kk, Hd = 37, 24, 9, 3, 40
+h, rw = torch.randn(M, 2 * inter), torch.rand(M)
+check("weighted_swiglu", triton_grouped.weighted_swiglu(h, rw, inter), cuda_ops._weighted_swiglu(h, rw, inter), 1e-5)
+y, inverse = torch.randn(N * kk, Hd), torch.randperm(N * kk)
+check("combine", triton_grouped.combine(y, inverse, kk), cuda_ops._combine(y, inverse, kk), 1e-5)
 
 if failures:
     sys.exit(f"mismatches: {failures}")

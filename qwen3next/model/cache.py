@@ -33,6 +33,7 @@ class BatchMeta:
     page_size: int
     max_context_len: int         # key length the attention pads to (>= every context_lens entry)
     keep_step_states: list[bool] | None = None   # speculative verification: keep GDN states after every token
+    cu_seqlens_cpu: torch.Tensor | None = None   # cu_seqlens on the host (fla's prefill kernels take it: no sync)
 
     @property
     def num_seqs(self) -> int:
@@ -87,7 +88,7 @@ class BatchMeta:
                 t(rows), t(seq_of), t(idx)]
         dev = [x.to(device, non_blocking=True) for x in host]
         return cls(*dev, q_lens=list(q_lens), start_positions=list(start_positions), page_size=page_size,
-                   max_context_len=max_ctx, keep_step_states=keep_step_states)
+                   max_context_len=max_ctx, keep_step_states=keep_step_states, cu_seqlens_cpu=host[0])
 
 
 @dataclass

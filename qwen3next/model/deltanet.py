@@ -60,7 +60,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         mixed, z, b, a = self._project(x)
         conv_w = self.conv1d.weight.squeeze(1)
-        cu = conv0 = rec0 = None
+        cu = cu_host = conv0 = rec0 = None
         if state is not None:
             fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
             conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
@@ -71,13 +71,18 @@ class GatedDeltaNet(nn.Module):
             if meta.is_decode:
                 return self._decode_step(mixed, z, b, a, conv_w, conv0, state, meta)
             rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
-            cu = meta.cu_seqlens
-        mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu)
+            cu, cu_host = meta.cu_seqlens, meta.cu_seqlens_cpu
+        host = {} if cu_host is None else {"cu_seqlens_cpu": cu_host}
+        mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host)
         q, k, v = self._heads(mixed)
         beta, g = gdr_ops.gates(b, a, self.A_log, self.dt_bias)
-        rule = kernels.recurrent_gated_delta_rule if mixed.shape[1] == 1 else kernels.chunk_gated_delta_rule
-        o, rec_final = rule(q, k, v, g, beta, initial_state=rec0, output_final_state=state is not None,
-                            cu_seqlens=cu)
+        if mixed.shape[1] == 1:
+            o, rec_final = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
+                                                              output_final_state=state is not None, cu_seqlens=cu)
+        else:
+            o, rec_final = kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
+                                                          output_final_state=state is not None, cu_seqlens=cu,
+                                                          **host)
         if state is not None:
             state.conv[meta.slots] = conv_final.to(state.conv.dtype)
             state.recurrent[meta.slots] = rec_final.to(state.recurrent.dtype)

@@ -6,29 +6,10 @@
 - `GatedRMSNorm`: per value head of Gated DeltaNet, y = w * x / rms(x) * silu(z); plain weight, NOT zero-centred.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """At least fp32 for reductions (fp64 stays fp64, so float64 runs are exact references)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
-    xf = upcast(x)
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if zero_centered:  # fp32 all the way, cast at the end
-        return (normed * (1.0 + upcast(weight))).type_as(x)
-    return weight * normed.type_as(x)
-
-
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    xf = upcast(x)
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
-    return (weight * normed * F.silu(upcast(gate))).to(dtype)
+from ..ops import kernels
+from ..ops.norm import gated_rms_norm, rms_norm, upcast  # noqa: F401 - the functional forms, re-exported
 
 
 class RMSNorm(nn.Module):
@@ -39,7 +20,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps, self.zero_centered)
+        return kernels.rms_norm(x, self.weight, self.eps, self.zero_centered)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
@@ -52,4 +33,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return gated_rms_norm(x, gate, self.weight, self.eps)
+        return kernels.gated_rms_norm(x, gate, self.weight, self.eps)

@@ -10,14 +10,15 @@ import torch.nn.functional as F
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None = None,
-                  cu_seqlens: torch.Tensor | None = None, activation: bool = True, output_all_states: bool = False):
+                  cu_seqlens: torch.Tensor | None = None, activation: bool = True, output_all_states: bool = False,
+                  cu_seqlens_cpu: torch.Tensor | None = None):
     """x [B, T, C], weight [C, K], initial_state [N, C, K-1] (N = B, or sequences when packed with cu_seqlens).
 
     Returns (y [B, T, C], final_state [N, C, K-1]); with `output_all_states` (unpacked only) the state after every
-    token instead, [B, T, C, K-1].
+    token instead, [B, T, C, K-1]. `cu_seqlens_cpu`: the same boundaries on the host (saves a device read).
     """
     if cu_seqlens is not None:
-        bounds = cu_seqlens.tolist()
+        bounds = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).tolist()
         ys, states = [], []
         for i in range(len(bounds) - 1):
             h0 = None if initial_state is None else initial_state[i:i + 1]

@@ -73,15 +73,33 @@ def grouped_mm_backward_ok() -> bool:
         return False
 
 
+def _host_bounds(fn, cu_seqlens_cpu) -> dict:
+    """fla >= 0.6 takes the packed boundaries on the host as well (`cu_seqlens_cpu`); without them it reads the
+    device tensor back (a `.cpu()`, `.item()` or `repeat_interleave` in its index preparation): a host-device sync
+    in every Gated DeltaNet layer, which leaves the GPU idle while the host queues the next kernels."""
+    if cu_seqlens_cpu is None or not _accepts(fn, "cu_seqlens_cpu"):
+        return {}
+    return {"cu_seqlens_cpu": cu_seqlens_cpu}
+
+
+@functools.cache
+def _accepts(fn, name: str) -> bool:
+    import inspect
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, use_qk_l2norm=True, chunk_size=64):
+                           cu_seqlens=None, use_qk_l2norm=True, chunk_size=64, cu_seqlens_cpu=None):
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
     o, s = fla_chunk(q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(),
                      beta.to(q.dtype).contiguous(), scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm,
-                     cu_seqlens=cu_seqlens)
+                     cu_seqlens=cu_seqlens, **_host_bounds(fla_chunk, cu_seqlens_cpu))
     return o.to(v.dtype), s
 
 
@@ -113,7 +131,8 @@ def _combine(y: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     return y[inverse].view(-1, k, y.shape[-1]).sum(1, dtype=torch.float32).to(y.dtype)
 
 
-def causal_conv1d(x, weight, initial_state=None, cu_seqlens=None, activation=True, output_all_states=False):
+def causal_conv1d(x, weight, initial_state=None, cu_seqlens=None, activation=True, output_all_states=False,
+                  cu_seqlens_cpu=None):
     """fla's Triton causal conv1d; same contract as ops.conv1d.causal_conv1d. fla's state holds the last K inputs,
     ours the last K-1 (all the next token needs): pad on the way in, drop the oldest on the way out."""
     from fla.modules.causal_conv1d import causal_conv1d as fla_conv
@@ -121,12 +140,13 @@ def causal_conv1d(x, weight, initial_state=None, cu_seqlens=None, activation=Tru
         raise ValueError("output_all_states is a torch-reference feature")
     h0 = None if initial_state is None else F.pad(initial_state.to(x.dtype), (1, 0)).contiguous()
     y, h = fla_conv(x.contiguous(), weight.to(x.dtype), initial_state=h0, output_final_state=True,
-                    activation="silu" if activation else None, cu_seqlens=cu_seqlens)
+                    activation="silu" if activation else None, cu_seqlens=cu_seqlens,
+                    **_host_bounds(fla_conv, cu_seqlens_cpu))
     return y, h[..., 1:]
 
 
 def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:
+                    weights: torch.Tensor, fused_glue: bool = True) -> torch.Tensor:
     """Grouped-GEMM routed experts; same contract as ops.moe.experts_forward."""
     N, k = ids.shape
     E, inter = gate_up.shape[0], down.shape[-1]
@@ -136,9 +156,20 @@ def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
         0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
+    # inference: the glue between the GEMMs as one Triton pass each (ops/triton_grouped.py); training keeps the
+    # torch form, which autograd differentiates
+    fused = fused_glue and has_triton() and not (torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate_up, down, weights)))
     h = torch._grouped_mm(x[token_of], gate_up.transpose(1, 2), offs=offs)          # [M, 2I]
-    h = _weighted_swiglu(h, weights.reshape(-1)[order], inter)
+    if fused:
+        from .triton_grouped import weighted_swiglu
+        h = weighted_swiglu(h, weights.reshape(-1)[order], inter)
+    else:
+        h = _weighted_swiglu(h, weights.reshape(-1)[order], inter)
     y = torch._grouped_mm(h, down.transpose(1, 2), offs=offs)                       # [M, H]
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
+    if fused:
+        from .triton_grouped import combine
+        return combine(y, inverse, k)
     return _combine(y, inverse, k)

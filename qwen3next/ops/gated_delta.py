@@ -82,10 +82,12 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, use_qk_l2norm=True, chunk_size=64):
+                           cu_seqlens=None, use_qk_l2norm=True, chunk_size=64, cu_seqlens_cpu=None):
+    """`cu_seqlens_cpu`: the packed boundaries on the host too, so no kernel path has to read them back."""
     if cu_seqlens is not None:
         return _per_sequence(chunk_gated_delta_rule, q, k, v, g, beta, initial_state, output_final_state,
-                             cu_seqlens, scale=scale, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+                             cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu, scale=scale,
+                             use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
     out_dtype = v.dtype
     q, k = _prepare(q, k, v, use_qk_l2norm, scale)
     wd = q.dtype

@@ -15,17 +15,26 @@ from . import conv1d as _conv
 from . import cuda as _cuda
 from . import gated_delta as _gdr
 from . import moe as _moe
+from . import norm as _norm
 
 _overrides: dict = {}
 
 
 _TORCH_ONLY = os.environ.get("QWEN3NEXT_KERNELS", "auto") == "torch"   # read once: compiled code cannot
 
-# Kernels that pass their checks in Triton's CPU interpreter and compile for sm_90, but have not yet been run and
-# timed on a GPU (no GPU was lent when they were written): the fused routing (ops/triton_moe.route) and the
-# in-place Gated DeltaNet decode step (ops/triton_gdn.py). Off unless QWEN3NEXT_NEW_KERNELS=1; then
-# `python benchmarks/check_gpu.py --only gdn_decode,moe_decode,e2e` checks and times them.
-NEW_KERNELS = os.environ.get("QWEN3NEXT_NEW_KERNELS", "0") == "1"
+# Fused step kernels: the routing as one kernel (ops/triton_moe.route: softmax, top-k, renormalisation) and the
+# Gated DeltaNet decode step as one kernel updating each state in place (ops/triton_gdn.py). H100, 80B-A3B shapes,
+# in CUDA graphs (benchmarks/check_gpu.py --only gdn_decode,moe_decode, 2026-11-23): the GDN step 1.46x / 6.9x /
+# 5.2x faster than gather + fla's recurrent kernel + scatter at 1 / 16 / 64 sequences (1.04x its bandwidth floor
+# at 16), the routing 1.8x (1 token) to 3.6x (4096 tokens) faster than torch's softmax + topk.
+# QWEN3NEXT_FUSED_STEP_KERNELS=0 falls back to the unfused paths.
+FUSED_STEP_KERNELS = os.environ.get("QWEN3NEXT_FUSED_STEP_KERNELS", "1") != "0"
+
+# Elementwise work of the eager GPU path (prefill chunks) as one Triton pass each: the RMS norms
+# (ops/triton_norm.py) and the glue around the grouped expert GEMMs (ops/triton_grouped.py). Compiled decode
+# layers trace the torch forms, which Inductor fuses with their neighbours. QWEN3NEXT_FUSED_ELEMENTWISE=0 keeps
+# the torch ops.
+FUSED_ELEMENTWISE = os.environ.get("QWEN3NEXT_FUSED_ELEMENTWISE", "1") != "0"
 
 
 def _gpu(x) -> bool:
@@ -56,7 +65,7 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
     """A decode step of the delta rule, each sequence's recurrent state updated in place in the pool."""
     if "gated_delta_decode" in _overrides:
         return _overrides["gated_delta_decode"](q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
-    if (NEW_KERNELS and _gpu(q) and _cuda.has_triton() and state.dtype == torch.float32
+    if (FUSED_STEP_KERNELS and _gpu(q) and _cuda.has_triton() and state.dtype == torch.float32
             and not _needs_grad(q, k, v, a, b)):
         from .custom_ops import gdn_decode
         return gdn_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
@@ -71,7 +80,8 @@ def experts_forward(x, gate_up, down, ids, weights):
     if _gpu(x) and _cuda.has_grouped_mm():
         if x.dtype == gate_up.dtype == torch.bfloat16 and (not _needs_grad(x, gate_up, down, weights)
                                                           or _cuda.grouped_mm_backward_ok()):
-            return _cuda.experts_forward(x, gate_up, down, ids, weights)
+            return _cuda.experts_forward(x, gate_up, down, ids, weights,
+                                         fused_glue=FUSED_ELEMENTWISE and not torch.compiler.is_compiling())
         if (torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
                 and _cuda.grouped_mm_backward_ok()):
             # training with fp32 master weights: the bf16 copies autocast would make for a matmul anyway
@@ -140,14 +150,39 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
 def route(router_logits, top_k, norm_topk_prob):
     if "route" in _overrides:
         return _overrides["route"](router_logits, top_k, norm_topk_prob)
-    if NEW_KERNELS and _gpu(router_logits) and _cuda.has_triton() and not _needs_grad(router_logits):
+    if FUSED_STEP_KERNELS and _gpu(router_logits) and _cuda.has_triton() and not _needs_grad(router_logits):
         from .custom_ops import route as fused       # softmax + top-k + renormalisation in one kernel
         return fused(router_logits, top_k, norm_topk_prob)
     return _moe.route(router_logits, top_k, norm_topk_prob)
 
 
+def _fused_norm_applies(x, *same_dtype) -> bool:
+    return (FUSED_ELEMENTWISE and _gpu(x) and _cuda.has_triton() and x.dtype != torch.float64
+            and all(t.dtype == x.dtype for t in same_dtype) and not torch.compiler.is_compiling()
+            and not _needs_grad(x, *same_dtype))
+
+
+def rms_norm(x, weight, eps: float, zero_centered: bool):
+    if "rms_norm" in _overrides:
+        return _overrides["rms_norm"](x, weight, eps, zero_centered)
+    if _fused_norm_applies(x, weight):
+        from .triton_norm import rms_norm as fused
+        return fused(x, weight, eps, zero_centered)
+    return _norm.rms_norm(x, weight, eps, zero_centered)
+
+
+def gated_rms_norm(x, gate, weight, eps: float):
+    if "gated_rms_norm" in _overrides:
+        return _overrides["gated_rms_norm"](x, gate, weight, eps)
+    if _fused_norm_applies(x, gate, weight):
+        from .triton_norm import gated_rms_norm as fused
+        return fused(x, gate, weight, eps)
+    return _norm.gated_rms_norm(x, gate, weight, eps)
+
+
 _NAMES = {"chunk_gated_delta_rule", "recurrent_gated_delta_rule", "experts_forward", "causal_conv1d",
-          "causal_attention", "paged_attention", "moe_decode", "route", "gated_delta_decode"}
+          "causal_attention", "paged_attention", "moe_decode", "route", "gated_delta_decode",
+          "rms_norm", "gated_rms_norm"}
 
 
 def use(**ops) -> None:
