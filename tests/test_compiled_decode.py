@@ -70,3 +70,25 @@ def test_compiled_decode_layer_equals_eager(tmp_path, compiled_on_cpu):
     assert counters["stats"]["unique_graphs"] >= 4      # GDN+MoE, attention+MoE, GDN+dense MLP layers, verify
     for a, b in zip(eager, compiled):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+@torch.inference_mode()
+def test_new_batch_sizes_do_not_recompile_the_decode_layers(tmp_path, compiled_on_cpu):
+    """After one recompile makes the batch dimension symbolic, decode steps of further batch sizes reuse the
+    compiled layers: nothing in the traced code may read BatchMeta's per-sequence lists (a list read guards on its
+    length, which once made every batch size compile every layer kind anew: 100-150 s of engine warm-up on an
+    H100)."""
+    hf_next(seed=7, mlp_only_layers=[1]).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype=torch.float64)
+    fused.DECODE.update(enabled=True, backend="eager", fullgraph=True)
+    torch._dynamo.reset()
+    counters.clear()
+    cache = HybridCache(model.config, 6, 60, 8, dtype=torch.float64)
+    tables = [list(range(i * 10, i * 10 + 10)) for i in range(6)]
+    graphs = []
+    for B in (4, 3, 2, 5, 6):
+        meta = BatchMeta.build([1] * B, [7] * B, list(range(B)), tables[:B], 8)
+        model(torch.randint(0, 97, (B,)), cache=cache, meta=meta)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] <= 2 * graphs[0]                   # one recompile per layer kind, to symbolic shapes
+    assert graphs[-1] == graphs[1], graphs              # and none after it

@@ -34,30 +34,22 @@ class BatchMeta:
     max_context_len: int         # key length the attention pads to (>= every context_lens entry)
     keep_step_states: list[bool] | None = None   # speculative verification: keep GDN states after every token
     cu_seqlens_cpu: torch.Tensor | None = None   # cu_seqlens on the host (fla's prefill kernels take it: no sync)
+    # the kind of step, decided once here: compiled decode layers read these bools, never the q_lens list (reading
+    # a list inside torch.compile guards on its length and values, so every batch size would compile anew)
+    is_decode: bool = field(init=False)   # one new token per sequence
+    is_verify: bool = field(init=False)   # speculative verification: the same number of drafts per sequence,
+    #                                       keeping the GDN states after every token
+    is_step: bool = field(init=False)     # decode or uniform verification: fixed shapes, no per-sequence host
+    #                                       loop, so the layers can run compiled (and be captured in a CUDA graph)
+    num_seqs: int = field(init=False)
+    max_q_len: int = field(init=False)
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.q_lens)
-
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.q_lens)
-
-    @property
-    def is_verify(self) -> bool:
-        """Speculative verification of the same number of drafts by every sequence (keeping GDN step states)."""
+    def __post_init__(self):
         keep = self.keep_step_states
-        return keep is not None and all(keep) and len(set(self.q_lens)) == 1
-
-    @property
-    def is_step(self) -> bool:
-        """A decode step or a uniform verification: fixed shapes, no per-sequence host loop, so the layers can
-        run compiled (and a step can be captured in a CUDA graph)."""
-        return (self.is_decode and self.keep_step_states is None) or self.is_verify
-
-    @property
-    def max_q_len(self) -> int:
-        return max(self.q_lens)
+        self.is_decode = all(n == 1 for n in self.q_lens)
+        self.is_verify = keep is not None and all(keep) and len(set(self.q_lens)) == 1
+        self.is_step = (self.is_decode and keep is None) or self.is_verify
+        self.num_seqs, self.max_q_len = len(self.q_lens), max(self.q_lens)
 
     @classmethod
     def build(cls, q_lens: list[int], start_positions: list[int], slots: list[int], page_table: list[list[int]],
