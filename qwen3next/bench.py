@@ -229,13 +229,13 @@ def time_decode(model, batch: int, ctx: int, page_size: int = 64, graph: bool = 
     layer paths (compiled decode layers, or eager ones; both inside a CUDA graph): every model gets its best
     path. Returns (seconds, graphed, {path: seconds})."""
     cache, meta, ids = _decode_batch(model, batch, ctx, page_size=page_size)
-    paths = {}
+    paths, limit = {}, fused.DECODE["max_tokens"]
     for path, mode in (("compiled", "auto"), ("eager", False)):
-        fused.DECODE["enabled"] = mode
+        fused.DECODE.update(enabled=mode, max_tokens=None)     # "compiled" means compiled at every batch size
         try:
             paths[path], graphed = time_step(lambda: model(ids, cache=cache, meta=meta), graph=graph)
         finally:
-            fused.DECODE["enabled"] = "auto"
+            fused.DECODE.update(enabled="auto", max_tokens=limit)
     return min(paths.values()), graphed, paths
 
 

@@ -36,7 +36,7 @@ def compiled_on_cpu(request):
         kernels.use(moe_decode=_fused_moe, route=route,
                     gated_delta_decode=lambda *a: gdn_decode(*a, None))   # mutates the state pool in place
     yield
-    fused.DECODE.update(enabled="auto", backend="inductor", fullgraph=False, verify=False)
+    fused.DECODE.update(enabled="auto", backend="inductor", fullgraph=False, verify=False, max_tokens=8)
     kernels.reset()
 
 
@@ -92,3 +92,19 @@ def test_new_batch_sizes_do_not_recompile_the_decode_layers(tmp_path, compiled_o
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] <= 2 * graphs[0]                   # one recompile per layer kind, to symbolic shapes
     assert graphs[-1] == graphs[1], graphs              # and none after it
+
+
+@torch.inference_mode()
+def test_decode_steps_above_max_tokens_run_the_eager_layers(tmp_path, compiled_on_cpu):
+    """Large decode batches run the eager layers (on an H100 they beat the compiled ones from 16 sequences on)."""
+    hf_next(seed=7, mlp_only_layers=[1]).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype=torch.float64)
+    fused.DECODE.update(enabled=True, backend="eager", fullgraph=True, max_tokens=2)
+    torch._dynamo.reset()
+    counters.clear()
+    cache = HybridCache(model.config, 3, 30, 8, dtype=torch.float64)
+    tables = [list(range(i * 10, i * 10 + 10)) for i in range(3)]
+    for B, compiled in ((3, False), (2, True)):
+        meta = BatchMeta.build([1] * B, [7] * B, list(range(B)), tables[:B], 8)
+        model(torch.randint(0, 97, (B,)), cache=cache, meta=meta)
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled, B

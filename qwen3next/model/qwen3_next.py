@@ -67,7 +67,7 @@ def _call_layer(layer, x, cos, sin, layer_cache, meta):
 
 # decode and verification steps: the whole layer as one compiled graph on CUDA (ops/fused.py says why); two
 # wrappers, so that a compiler failure on one kind of step leaves the other compiled
-decode_layer = decode_compiled(_call_layer)
+decode_layer = decode_compiled(_call_layer, limit_tokens=True)
 verify_layer = decode_compiled(_call_layer, dynamic=False)
 
 

@@ -26,14 +26,20 @@ log = logging.getLogger("qwen3next.ops")
 # "verify": compile speculative verification steps too. Off by default: their graph is compiled for static shapes
 # (Inductor's dynamic-shape code for it failed on an H100, torch 2.11), so every new context length would
 # recompile; it pays once the runner pads steps to fixed buckets (benchmarks turn it on to measure that case).
-DECODE = {"enabled": "auto", "backend": "inductor", "fullgraph": False, "verify": False}
+DECODE = {"enabled": "auto", "backend": "inductor", "fullgraph": False, "verify": False, "max_tokens": 8}
+# "max_tokens": decode steps of more tokens run the eager layers (inside the engine's CUDA graphs all the same).
+# H100, 80B-A3B layers in CUDA graphs, `qwen3next bench` of 2026-11-23: compiled 1.30 vs eager 1.51 ms at 1
+# sequence, but 4.13 vs 4.00 ms at 16 and 10.70 vs 9.39 ms at 64 (dense Qwen3-32B: 7.57 vs 4.87 and 18.61 vs
+# 7.35 ms), once the eager path's norms became one Triton pass each. Between 1 and 16 sequences nothing was
+# measured; 8 is a guess. None compiles every size.
 
 
-def decode_compiled(fn, dynamic: bool | None = None):
+def decode_compiled(fn, dynamic: bool | None = None, limit_tokens: bool = False):
     """fn(layer, *args) compiled once for all layers (parameters are graph inputs, so layers of one kind share
     the compiled code). Used for decode and verification steps on CUDA (or anywhere with DECODE["enabled"] =
     True); a compiler failure logs a warning and this wrapper runs the eager fn from then on (`wrapper.failed()`
-    says so). `dynamic`: torch.compile's (None = automatically dynamic after the first change of a shape)."""
+    says so). `dynamic`: torch.compile's (None = automatically dynamic after the first change of a shape).
+    `limit_tokens`: steps of more than DECODE["max_tokens"] tokens run eagerly."""
     state = {"compiled": None, "failed": False}
 
     @functools.wraps(fn)
@@ -42,6 +48,9 @@ def decode_compiled(fn, dynamic: bool | None = None):
         if on == "auto":
             on = args[1].is_cuda and os.environ.get("QWEN3NEXT_COMPILE", "1") != "0"
         if not on or state["failed"] or torch.is_grad_enabled():
+            return fn(*args)
+        limit = DECODE["max_tokens"]
+        if limit_tokens and limit is not None and args[1].shape[-2] > limit:   # args[1]: x [1, tokens, H]
             return fn(*args)
         if state["compiled"] is None:
             import torch._dynamo as dynamo
