@@ -310,13 +310,14 @@ def small_models(mtp_layers: int):
 
 
 def check_prefill_glue():
-    """The eager prefill path's Triton passes (ops/triton_norm.py, ops/triton_grouped.py) against their torch
+    """The eager prefill path's Triton passes (ops/triton_norm.py, ops/triton_grouped.py, the GDN input split of
+    ops/triton_gdn.py) against their torch
     references at 80B-A3B shapes for a 4K-token chunk (bf16), timed side by side in CUDA graphs; then a small
     random model's prefill (whole, and packed with host boundaries through the cache) against the CPU fp32
     reference, with the fused passes on."""
     from qwen3next import bench
     from qwen3next.ops import norm as ref_norm
-    from qwen3next.ops import triton_grouped, triton_norm
+    from qwen3next.ops import gdn_projections, triton_conv, triton_gdn, triton_grouped, triton_norm
     torch.manual_seed(0)
     bf = torch.bfloat16
     T, H, I, k = 4096, 2048, 512, 10
@@ -328,7 +329,23 @@ def check_prefill_glue():
     rw = torch.rand(T * k, device="cuda").to(bf)
     y = torch.randn(T * k, H, device="cuda", dtype=bf)
     inverse = torch.randperm(T * k, device="cuda")
+    qkvz = torch.randn(T, 16 * (2 * 128 + 2 * 2 * 128), device="cuda", dtype=bf)
+    ba = torch.randn(T, 2 * 32, device="cuda", dtype=bf)
+    A_log, dt_bias = torch.randn(32, device="cuda"), torch.randn(32, device="cuda")
+    flat = lambda out: torch.cat([t.float().flatten() for t in out]) if isinstance(out, tuple) else out  # noqa: E731
+    conv_x = torch.randn(1, T, 8192, device="cuda", dtype=bf)
+    conv_w = (torch.randn(8192, 4, device="cuda") * 0.5).to(bf)
+    conv_h0 = torch.randn(2, 8192, 3, device="cuda", dtype=bf)
+    meta2 = BatchMeta.build([T - 100, 100], [0, 37], [0, 1], [list(range(64)), [64, 65, 66]], 64, "cuda")
     cases = {
+        "GDN conv [4096, 8192], 2 seqs vs fla": (
+            lambda: triton_conv.causal_conv1d(conv_x, conv_w, conv_h0, meta2.cu_seqlens, meta2.token_seq,
+                                              meta2.token_index),
+            lambda: cuda_ops.causal_conv1d(conv_x, conv_w, conv_h0, cu_seqlens=meta2.cu_seqlens,
+                                           cu_seqlens_cpu=meta2.cu_seqlens_cpu)),
+        "GDN split + gates [4096, 12288]": (
+            lambda: triton_gdn.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128),
+            lambda: gdn_projections.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128)),
         "rms_norm zero-centred [4096, 2048]": (lambda: triton_norm.rms_norm(x, w, 1e-6, True),
                                                 lambda: ref_norm.rms_norm(x, w, 1e-6, True)),
         "gated rms_norm [4096, 32, 128]": (lambda: triton_norm.gated_rms_norm(o, z, wg, 1e-6),
@@ -341,7 +358,7 @@ def check_prefill_glue():
     print(f"{'pass':40s} {'fused us':>9} {'torch us':>9} {'torch/fused':>11}")
     for name, (fused_fn, torch_fn) in cases.items():
         # bf16 vs bf16: the fused pass rounds once where torch rounds after each op
-        record(f"{name}: fused vs torch (bf16)", rel(fused_fn(), torch_fn()), 1e-2)
+        record(f"{name}: fused vs torch (bf16)", rel(flat(fused_fn()), flat(torch_fn())), 1e-2)
         with torch.inference_mode():
             tf, _ = bench.time_step(fused_fn)
             tt, _ = bench.time_step(torch_fn)

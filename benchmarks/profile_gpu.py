@@ -1,17 +1,20 @@
 """Where the time goes: per-part timings and the top CUDA kernels of a Qwen3-Next-80B-A3B layer group (3 Gated
-DeltaNet + 1 attention layer, real shapes, random bf16 weights) for a 4K prefill and a batch-1 decode step.
+DeltaNet + 1 attention layer, real shapes, random bf16 weights, random token ids) for 4K and 32K prefills and
+decode steps; kernels are also summed by kind (expert GEMMs, projections, fla, attention, glue). Decode steps are
+profiled as the bench times them: compiled layers replayed from a CUDA graph.
 
-    python benchmarks/profile_gpu.py
+    python benchmarks/profile_gpu.py [--only prefill,prefill32k,b1,b64]
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from qwen3next.bench import _pages_for, cuda_time, random_gpu_model  # noqa: E402
+from qwen3next.bench import _pages_for, capture_graph, cuda_time, random_gpu_model  # noqa: E402
 from qwen3next.config import preset  # noqa: E402
 from qwen3next.model.cache import BatchMeta, HybridCache  # noqa: E402
 
@@ -40,6 +43,43 @@ def parts(model, T, B=1, ctx=0, ps=64):
     return out
 
 
+# kernel kinds, first match wins (names as the CUDA profiler reports them)
+KINDS = [
+    ("expert GEMMs (grouped)", r"GemmUniversal|grouped|_up_kernel|_down_kernel"),
+    ("fla GDN chunk/recurrent", r"chunk_|recompute_w_u|solve_tril|merge_16x16|l2norm|fused_recurrent|gdn_step|"
+                                r"_gdn_|prepare_wy|kkt"),
+    ("expert glue (swiglu, combine)", r"_swiglu_kernel|_combine_kernel"),
+    ("routing (softmax, top-k)", r"_route_kernel|topk|TopK"),
+    ("attention", r"flash|fmha|sdpa|_decode_split|_decode_merge|attn"),
+    ("conv1d", r"conv1d"),
+    ("projection GEMMs / GEMVs", r"nvjet|cublas|gemv|gemm|splitK|dot_kernel|sm90_xmma|cutlass"),
+    ("sort / gather / scatter", r"sort|gather|scatter|index|Sort"),
+    ("norms", r"rms|norm|mean|rsqrt"),
+    ("other elementwise / copies", r"."),
+]
+
+
+def kind_of(name: str) -> str:
+    return next(k for k, pat in KINDS if re.search(pat, name))
+
+
+def report(prof, n: int) -> None:
+    evs = [e for e in prof.key_averages() if e.device_time_total > 0]
+    evs.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in evs)
+    kernels = sum(e.count for e in evs)
+    print(f"  {kernels} kernel launches, {total / 1e3:.3f} ms of kernel time")
+    by_kind: dict = {}
+    for e in evs:
+        k = kind_of(e.key)
+        t, c = by_kind.get(k, (0.0, 0))
+        by_kind[k] = (t + e.device_time_total, c + e.count)
+    for k, (t, c) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):
+        print(f"    {k:28s} {t / 1e3:8.3f} ms  {100 * t / total:5.1f}%  x{c}")
+    for e in evs[:n]:
+        print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:110]}")
+
+
 @torch.inference_mode()
 def top_kernels(model, T, B=1, ctx=0, ps=64, n=32):
     per_seq = _pages_for(ctx + T, ps)
@@ -49,23 +89,24 @@ def top_kernels(model, T, B=1, ctx=0, ps=64, n=32):
     # random tokens: identical ones would route every token to the same experts
     ids = torch.randint(0, model.config.vocab_size, (B * T,), device="cuda")
     keep = torch.arange(B, device="cuda") * T + T - 1          # logits of each sequence's last token, as served
-    for _ in range(2):
-        model(ids, cache=cache, meta=meta, logits_to_keep=keep)
+    step = (lambda: model(ids, cache=cache, meta=meta)) if T == 1 else \
+        (lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep))
+    for _ in range(3):
+        step()
     torch.cuda.synchronize()
+    if T == 1:        # as the bench and the engine run it: the whole step replayed from a CUDA graph
+        step = capture_graph(step).replay
+        print(f"  graph replay: {cuda_time(step, 3, 20) * 1e3:.3f} ms per step")
+    else:
+        print(f"  wall: {cuda_time(step, 2, 5) * 1e3:.3f} ms")
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model(ids, cache=cache, meta=meta, logits_to_keep=keep)
+        step()
         torch.cuda.synchronize()
-    evs = [e for e in prof.key_averages() if e.device_time_total > 0]
-    evs.sort(key=lambda e: -e.device_time_total)
-    total = sum(e.device_time_total for e in evs)
-    kernels = sum(e.count for e in evs)
-    print(f"  {kernels} kernel launches, {total / 1e3:.2f} ms of kernel time")
-    for e in evs[:n]:
-        print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:110]}")
+    report(prof, n)
 
 
-CASES = {"prefill": ("prefill 4K", dict(T=4096)), "b1": ("decode b1 @4K", dict(T=1, ctx=4096)),
+CASES = {"prefill": ("prefill 4K", dict(T=4096)), "prefill32k": ("prefill 32K", dict(T=32768)), "b1": ("decode b1 @4K", dict(T=1, ctx=4096)),
          "b64": ("decode b64 @4K", dict(T=1, B=64, ctx=4096))}
 
 
@@ -81,6 +122,7 @@ def main():
         for k, v in parts(model, **kw).items():
             print(f"  {k:32s} {v * 1e3:8.3f} ms")
         top_kernels(model, **kw)
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

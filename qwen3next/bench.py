@@ -185,6 +185,19 @@ def time_prefill(model, T: int, page_size: int = 64) -> tuple[float, dict]:
     return min(paths.values()), paths
 
 
+def capture_graph(step) -> torch.cuda.CUDAGraph:
+    """`step` captured in a CUDA graph, after one run on a side stream (which settles its allocations)."""
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        step()
+    return g
+
+
 def time_step(step, warmup: int = 3, graph: bool = True) -> tuple[float, bool]:
     """Seconds per call of `step`, captured in a CUDA graph when possible (the first calls compile)."""
     for _ in range(warmup):
@@ -194,15 +207,7 @@ def time_step(step, warmup: int = 3, graph: bool = True) -> tuple[float, bool]:
     torch.cuda.synchronize()
     if graph:
         try:
-            g = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                step()
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
-                step()
-            return cuda_time(g.replay, 3, 20), True
+            return cuda_time(capture_graph(step).replay, 3, 20), True
         except Exception as e:  # noqa: BLE001 - report and fall back to eager timing
             print(f"  (CUDA graph capture failed: {type(e).__name__}: {str(e)[:200]}; timing eagerly)")
             torch.cuda.synchronize()

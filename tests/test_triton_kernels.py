@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 17, r.stdout
+    assert r.stdout.count("max error") == 29, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -84,6 +84,27 @@ def test_norm_kernel_compiles_for_hopper(mode):
     k = _compile(n._rms_norm_kernel, {**_ptrs("X Wt G Y", "bf16"), **_ints("n_rows stride_x stride_g stride_y"),
                                       "eps": "fp32"}, dict(N=2048, BLOCK_N=2048, ROWS=2, MODE=mode))
     assert ".entry _rms_norm_kernel" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_gdn_split_kernel_compiles_for_hopper(dtype):
+    from qwen3next.ops import triton_gdn as t
+    k = _compile(t._split_gate_kernel, {**_ptrs("QKVZ BA MIXED Z BETA", dtype), **_ptrs("A_LOG DT_BIAS G", "fp32"),
+                                        **_ints("N stride_x stride_ba stride_m stride_z stride_b stride_g")},
+                 dict(HK=16, DK=128, R=2, RDV=256, BT=16, BDK=128, BRDV=256, BR=2))
+    assert ".entry _split_gate_kernel" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype,has_h0", [("bf16", True), ("bf16", False), ("fp32", True)])
+def test_conv_kernels_compile_for_hopper(dtype, has_h0):
+    from qwen3next.ops import triton_conv as t
+    conv = _compile(t._conv_kernel, {**_ptrs("X W H0", dtype), "SEQ": "*i64", "IDX": "*i64", "Y": f"*{dtype}",
+                                     **_ints("N C stride_x stride_y stride_hs")},
+                    dict(K=4, BT=16, BC=128, HAS_H0=has_h0, ACT=True))
+    final = _compile(t._final_state_kernel, {**_ptrs("X H0", dtype), "CU": "*i64", "OUT": f"*{dtype}",
+                                             **_ints("C stride_x stride_hs stride_os")},
+                     dict(K=4, BC=256, HAS_H0=has_h0))
+    assert ".entry _conv_kernel" in conv.asm["ptx"] and ".entry _final_state_kernel" in final.asm["ptx"]
 
 
 def test_grouped_glue_kernels_compile_for_hopper():

@@ -23,11 +23,11 @@ _interp._patch_lang_tensor = _patch
 import torch.nn.functional as F  # noqa: E402
 
 from qwen3next.model.cache import BatchMeta  # noqa: E402
-from qwen3next.ops import attention, gated_delta, moe  # noqa: E402
+from qwen3next.ops import attention, conv1d, gated_delta, gdn_projections, moe, triton_conv  # noqa: E402
 from qwen3next.ops import norm as norm_ops  # noqa: E402
 from qwen3next.ops import cuda as cuda_ops  # noqa: E402
 from qwen3next.ops import triton_grouped, triton_norm  # noqa: E402
-from qwen3next.ops.triton_gdn import gated_delta_decode  # noqa: E402
+from qwen3next.ops.triton_gdn import gated_delta_decode, split_and_gate  # noqa: E402
 from qwen3next.ops.triton_attention import paged_decode_attention  # noqa: E402
 from qwen3next.ops.triton_moe import moe_decode, route  # noqa: E402
 
@@ -112,6 +112,29 @@ h, rw = torch.randn(M, 2 * inter), torch.rand(M)
 check("weighted_swiglu", triton_grouped.weighted_swiglu(h, rw, inter), cuda_ops._weighted_swiglu(h, rw, inter), 1e-5)
 y, inverse = torch.randn(N * kk, Hd), torch.randperm(N * kk)
 check("combine", triton_grouped.combine(y, inverse, kk), cuda_ops._combine(y, inverse, kk), 1e-5)
+
+# Gated DeltaNet's prefill input unpacking: power-of-two widths, and odd ones (3 value heads per key head)
+for hk, dk, r, dv in ((4, 16, 2, 8), (2, 12, 3, 10)):
+    N = 37
+    qkvz, ba = torch.randn(N, hk * (2 * dk + 2 * r * dv)), torch.randn(N, 2 * hk * r) * 3
+    A_log, dt_bias = torch.randn(hk * r), torch.randn(hk * r)
+    ba[0, 0] = 30.0                                   # past softplus's threshold
+    got = split_and_gate(qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
+    want = gdn_projections.split_and_gate(qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
+    for name, a, b in zip(("conv input", "z", "beta", "g"), got, want):
+        check(f"split_and_gate hk={hk} dk={dk} r={r} dv={dv} {name}", a, b, 1e-6)
+
+# the short conv over packed chunks: sequences shorter than the kernel (state partly carried), a fresh one
+# without a state, channels not a multiple of the block
+C, K = 200, 4
+for lens, starts, h0 in (([1, 2, 9, 5], [3, 7, 0, 12], True), ([6, 3], [0, 0], False)):
+    meta = BatchMeta.build(lens, starts, list(range(len(lens))), [[i] for i in range(len(lens))], 64)
+    x, w = torch.randn(1, sum(lens), C), torch.randn(C, K)
+    init = torch.randn(len(lens), C, K - 1) if h0 else None
+    got = triton_conv.causal_conv1d(x, w, init, meta.cu_seqlens, meta.token_seq, meta.token_index)
+    want = conv1d.causal_conv1d(x, w, init, cu_seqlens=meta.cu_seqlens)
+    check(f"causal_conv1d lens={lens} state={h0} y", got[0], want[0], 1e-5)
+    check(f"causal_conv1d lens={lens} state={h0} final state", got[1], want[1], 1e-6)
 
 if failures:
     sys.exit(f"mismatches: {failures}")

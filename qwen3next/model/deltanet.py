@@ -1,9 +1,5 @@
-"""Gated DeltaNet token mixer (linear attention with a constant-size state), as laid out in Qwen3-Next checkpoints.
-
-in_proj_qkvz rows are grouped per key head g (r = Hv / Hk value heads per group):
-    [q_g (dk) | k_g (dk) | v_{rg..rg+r-1} (r dv) | z_{rg..rg+r-1} (r dv)]
-in_proj_ba rows per key head g: [b_{rg..} (r) | a_{rg..} (r)]. The short conv runs over [all q | all k | all v].
-"""
+"""Gated DeltaNet token mixer (linear attention with a constant-size state), as laid out in Qwen3-Next checkpoints
+(the row layout of in_proj_qkvz / in_proj_ba: ops/gdn_projections.py)."""
 from __future__ import annotations
 
 import itertools
@@ -14,6 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..ops import conv1d as conv_ops
 from ..ops import gated_delta as gdr_ops
+from ..ops import gdn_projections as proj_ops
 from ..ops import kernels
 from .cache import BatchMeta, GDNState
 from .norm import GatedRMSNorm
@@ -43,12 +40,20 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
 
     def _project(self, x: torch.Tensor):
+        """-> conv input [B, T, C], z [B, T, Hv, dv], raw gate projections b, a [B, T, Hv]."""
         B, T, _ = x.shape
-        qkvz = self.in_proj_qkvz(x).view(B, T, self.hk, -1)
-        q, k, v, z = qkvz.split([self.dk, self.dk, self.r * self.dv, self.r * self.dv], dim=-1)
-        b, a = self.in_proj_ba(x).view(B, T, self.hk, 2 * self.r).split(self.r, dim=-1)
-        mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
-        return mixed, z.reshape(B, T, self.hv, self.dv), b.reshape(B, T, self.hv), a.reshape(B, T, self.hv)
+        mixed, z, b, a = proj_ops.split_projections(self.in_proj_qkvz(x).view(B * T, -1),
+                                                    self.in_proj_ba(x).view(B * T, -1), self.hk, self.dk, self.r,
+                                                    self.dv)
+        return mixed.view(B, T, -1), z.view(B, T, self.hv, self.dv), b.view(B, T, -1), a.view(B, T, -1)
+
+    def _project_and_gate(self, x: torch.Tensor):
+        """-> conv input, z, beta, g (fp32): on GPU one pass over the projections (ops/triton_gdn.py)."""
+        B, T, _ = x.shape
+        mixed, z, beta, g = kernels.split_and_gate(self.in_proj_qkvz(x).view(B * T, -1),
+                                                   self.in_proj_ba(x).view(B * T, -1), self.A_log, self.dt_bias,
+                                                   self.hk, self.dk, self.r, self.dv)
+        return mixed.view(B, T, -1), z.view(B, T, self.hv, self.dv), beta.view(B, T, -1), g.view(B, T, -1)
 
     def _heads(self, mixed: torch.Tensor):
         Bm, Tm, _ = mixed.shape
@@ -58,31 +63,36 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state: GDNState | None = None, meta: BatchMeta | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        mixed, z, b, a = self._project(x)
         conv_w = self.conv1d.weight.squeeze(1)
         cu = cu_host = conv0 = rec0 = None
         if state is not None:
             fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
             conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
             if meta.keep_step_states is not None and any(meta.keep_step_states):
+                mixed, z, b, a = self._project(x)
                 rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
                 o = self._forward_keeping_steps(mixed, b, a, conv_w, conv0, rec0, state, meta)
                 return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
             if meta.is_decode:
+                mixed, z, b, a = self._project(x)
                 return self._decode_step(mixed, z, b, a, conv_w, conv0, state, meta)
             rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
             cu, cu_host = meta.cu_seqlens, meta.cu_seqlens_cpu
+        mixed, z, beta, g = self._project_and_gate(x)
         host = {} if cu_host is None else {"cu_seqlens_cpu": cu_host}
-        mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host)
+        maps = {} if cu is None else {"token_seq": meta.token_seq, "token_index": meta.token_index}
+        mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host, **maps)
         q, k, v = self._heads(mixed)
-        beta, g = gdr_ops.gates(b, a, self.A_log, self.dt_bias)
         if mixed.shape[1] == 1:
             o, rec_final = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
                                                               output_final_state=state is not None, cu_seqlens=cu)
         else:
+            # one sequence needs no packed boundaries, and fla's wrapper costs the host ~0.3 ms less without them
+            # (0.81 vs 1.14 ms per call at 4K tokens, H100 machine, benchmarks/host_overhead.py, 2026-11-23)
+            one = meta is not None and meta.num_seqs == 1
             o, rec_final = kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
-                                                          output_final_state=state is not None, cu_seqlens=cu,
-                                                          **host)
+                                                          output_final_state=state is not None,
+                                                          cu_seqlens=None if one else cu, **({} if one else host))
         if state is not None:
             state.conv[meta.slots] = conv_final.to(state.conv.dtype)
             state.recurrent[meta.slots] = rec_final.to(state.recurrent.dtype)

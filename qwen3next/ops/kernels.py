@@ -14,6 +14,7 @@ from . import attention as _attn
 from . import conv1d as _conv
 from . import cuda as _cuda
 from . import gated_delta as _gdr
+from . import gdn_projections as _proj
 from . import moe as _moe
 from . import norm as _norm
 
@@ -31,7 +32,8 @@ _TORCH_ONLY = os.environ.get("QWEN3NEXT_KERNELS", "auto") == "torch"   # read on
 FUSED_STEP_KERNELS = os.environ.get("QWEN3NEXT_FUSED_STEP_KERNELS", "1") != "0"
 
 # Elementwise work of the eager GPU path (prefill chunks) as one Triton pass each: the RMS norms
-# (ops/triton_norm.py) and the glue around the grouped expert GEMMs (ops/triton_grouped.py). Compiled decode
+# (ops/triton_norm.py), the glue around the grouped expert GEMMs (ops/triton_grouped.py), Gated DeltaNet's input
+# split and gates (ops/triton_gdn.py) and its short conv over packed chunks (ops/triton_conv.py). Compiled decode
 # layers trace the torch forms, which Inductor fuses with their neighbours. QWEN3NEXT_FUSED_ELEMENTWISE=0 keeps
 # the torch ops.
 FUSED_ELEMENTWISE = os.environ.get("QWEN3NEXT_FUSED_ELEMENTWISE", "1") != "0"
@@ -39,6 +41,13 @@ FUSED_ELEMENTWISE = os.environ.get("QWEN3NEXT_FUSED_ELEMENTWISE", "1") != "0"
 
 def _gpu(x) -> bool:
     return x.is_cuda and not _TORCH_ONLY
+
+
+# GPU kernels are called through their custom ops (ops/custom_ops.py: opaque to the compiler) only inside
+# torch.compile; eagerly, their Triton launchers are called directly: the custom-op wrapper checks its outputs on
+# every call, ~0.1-0.25 ms of host time each, which a host-bound 4K prefill pays in every layer (H100 machine,
+# benchmarks/host_overhead.py, 2026-11-23).
+_compiling = torch.compiler.is_compiling
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, **kw):
@@ -67,8 +76,11 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
         return _overrides["gated_delta_decode"](q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
     if (FUSED_STEP_KERNELS and _gpu(q) and _cuda.has_triton() and state.dtype == torch.float32
             and not _needs_grad(q, k, v, a, b)):
-        from .custom_ops import gdn_decode
-        return gdn_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
+        if _compiling():
+            from .custom_ops import gdn_decode as kernel
+        else:
+            from .triton_gdn import gated_delta_decode as kernel
+        return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
     # gather the states, the recurrent kernel (fla's on GPU), scatter them back
     return _gdr.gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh,
                                    rule=recurrent_gated_delta_rule)
@@ -107,15 +119,25 @@ def moe_decode(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_do
     if "moe_decode" in _overrides:
         return _overrides["moe_decode"](x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down,
                                         shared_weight)
-    from .custom_ops import moe_decode as fused
+    if _compiling():
+        from .custom_ops import moe_decode as fused
+    else:
+        from .triton_moe import moe_decode as fused
     y = fused(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight)
     return y.sum(1, dtype=torch.float32).to(x.dtype)   # in a compiled layer this fuses with the residual add
 
 
-def causal_conv1d(x, weight, initial_state=None, **kw):
+def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=None, **kw):
+    """`token_seq` / `token_index` (BatchMeta's token maps, with cu_seqlens) let packed prefill chunks on GPU take
+    our Triton conv (ops/triton_conv.py), which costs the host a fraction of fla's wrapper."""
     if "causal_conv1d" in _overrides:
         return _overrides["causal_conv1d"](x, weight, initial_state, **kw)
-    # prefill chunks on GPU: fla's Triton conv (one kernel, varlen); a decode step stays in torch, where the
+    if (token_seq is not None and kw.get("cu_seqlens") is not None and x.shape[1] > 1
+            and not kw.get("output_all_states") and _fused_elementwise_applies(x, weight)):
+        from .triton_conv import causal_conv1d as conv
+        return conv(x, weight, initial_state, kw["cu_seqlens"], token_seq, token_index,
+                    activation=kw.get("activation", True))
+    # other prefill chunks on GPU: fla's Triton conv (one kernel, varlen); a decode step stays in torch, where the
     # compiled decode layer fuses it with its neighbours
     if (_gpu(x) and x.shape[1] > 1 and not kw.get("output_all_states") and _cuda.has_fla()
             and not _needs_grad(x, weight)):
@@ -133,7 +155,10 @@ def paged_attention(q, k_pages, v_pages, meta, scale):
     if "paged_attention" in _overrides:
         return _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
     if _gpu(q) and (meta.is_decode or meta.is_verify) and _cuda.has_triton():
-        from .custom_ops import paged_decode_attention
+        if _compiling():
+            from .custom_ops import paged_decode_attention
+        else:
+            from .triton_attention import paged_decode_attention
         if meta.is_decode:
             return paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens,
                                           meta.max_context_len, scale)
@@ -151,12 +176,15 @@ def route(router_logits, top_k, norm_topk_prob):
     if "route" in _overrides:
         return _overrides["route"](router_logits, top_k, norm_topk_prob)
     if FUSED_STEP_KERNELS and _gpu(router_logits) and _cuda.has_triton() and not _needs_grad(router_logits):
-        from .custom_ops import route as fused       # softmax + top-k + renormalisation in one kernel
+        if _compiling():                               # softmax + top-k + renormalisation in one kernel
+            from .custom_ops import route as fused
+        else:
+            from .triton_moe import route as fused
         return fused(router_logits, top_k, norm_topk_prob)
     return _moe.route(router_logits, top_k, norm_topk_prob)
 
 
-def _fused_norm_applies(x, *same_dtype) -> bool:
+def _fused_elementwise_applies(x, *same_dtype) -> bool:
     return (FUSED_ELEMENTWISE and _gpu(x) and _cuda.has_triton() and x.dtype != torch.float64
             and all(t.dtype == x.dtype for t in same_dtype) and not torch.compiler.is_compiling()
             and not _needs_grad(x, *same_dtype))
@@ -165,7 +193,7 @@ def _fused_norm_applies(x, *same_dtype) -> bool:
 def rms_norm(x, weight, eps: float, zero_centered: bool):
     if "rms_norm" in _overrides:
         return _overrides["rms_norm"](x, weight, eps, zero_centered)
-    if _fused_norm_applies(x, weight):
+    if _fused_elementwise_applies(x, weight):
         from .triton_norm import rms_norm as fused
         return fused(x, weight, eps, zero_centered)
     return _norm.rms_norm(x, weight, eps, zero_centered)
@@ -174,15 +202,25 @@ def rms_norm(x, weight, eps: float, zero_centered: bool):
 def gated_rms_norm(x, gate, weight, eps: float):
     if "gated_rms_norm" in _overrides:
         return _overrides["gated_rms_norm"](x, gate, weight, eps)
-    if _fused_norm_applies(x, gate, weight):
+    if _fused_elementwise_applies(x, gate, weight):
         from .triton_norm import gated_rms_norm as fused
         return fused(x, gate, weight, eps)
     return _norm.gated_rms_norm(x, gate, weight, eps)
 
 
+def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
+    """Gated DeltaNet's projections [N, ...] -> (conv input, z, beta, g): ops/gdn_projections.py."""
+    if "split_and_gate" in _overrides:
+        return _overrides["split_and_gate"](qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
+    if _fused_elementwise_applies(qkvz, ba):
+        from .triton_gdn import split_and_gate as fused
+        return fused(qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
+    return _proj.split_and_gate(qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
+
+
 _NAMES = {"chunk_gated_delta_rule", "recurrent_gated_delta_rule", "experts_forward", "causal_conv1d",
           "causal_attention", "paged_attention", "moe_decode", "route", "gated_delta_decode",
-          "rms_norm", "gated_rms_norm"}
+          "rms_norm", "gated_rms_norm", "split_and_gate"}
 
 
 def use(**ops) -> None:

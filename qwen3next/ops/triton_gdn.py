@@ -1,4 +1,6 @@
-"""One Gated DeltaNet decode step in one Triton kernel: gates, q/k l2-norm and the delta rule, with the fp32
+"""Gated DeltaNet in Triton: a decode step in one kernel, and the prefill's input unpacking in one pass.
+
+Decode step: gates, q/k l2-norm and the delta rule, with the fp32
 recurrent state read from and written back to its slot of the state pool in place.
 
 The unfused path gathers each sequence's state out of the pool, runs the recurrent kernel (which reads it and
@@ -11,8 +13,12 @@ state in registers:
     (q, k l2-normalised, q scaled by dk^-1/2; g = -exp(A_log) softplus(a + dt_bias); beta = sigmoid(b))
 
 The short conv before it and the gated RMSNorm after it stay in the compiled decode layer (ops/fused.py), which
-fuses them with their neighbours. Reference: ops/gated_delta.gated_delta_decode; checked by
-benchmarks/check_gpu.py and, in Triton's CPU interpreter, by tests/test_triton_kernels.py.
+fuses them with their neighbours. Reference: ops/gated_delta.gated_delta_decode.
+
+Prefill: split_and_gate unpacks in_proj_qkvz / in_proj_ba (grouped per key head in the checkpoint) into the conv
+input, z and the gates beta, g. Reference: ops/gdn_projections.split_and_gate.
+
+Both are checked by benchmarks/check_gpu.py and, in Triton's CPU interpreter, by tests/test_triton_kernels.py.
 """
 from __future__ import annotations
 
@@ -74,3 +80,55 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
         state.stride(0), state.stride(1), o.stride(0), o.stride(1),
         R=Hv // Hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, num_warps=4)
     return o
+
+
+# ---- prefill: the input projections unpacked and gated in one pass ---------------------------------------------
+@triton.jit
+def _split_gate_kernel(QKVZ, BA, A_LOG, DT_BIAS, MIXED, Z, BETA, G, N, stride_x, stride_ba, stride_m, stride_z,
+                       stride_b, stride_g, HK: tl.constexpr, DK: tl.constexpr, R: tl.constexpr, RDV: tl.constexpr,
+                       BT: tl.constexpr, BDK: tl.constexpr, BRDV: tl.constexpr, BR: tl.constexpr):
+    """Grid (token blocks of BT, key-head group g): copies the group's q, k, v into [all q | all k | all v] and
+    z into [Hv dv], and turns its r (b, a) pairs into beta and g."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    grp = tl.program_id(1)
+    ok = rows < N
+    r64 = rows.to(tl.int64)[:, None]
+    src = QKVZ + r64 * stride_x + grp * (2 * DK + 2 * RDV)
+    dst = MIXED + r64 * stride_m
+    ck = tl.arange(0, BDK)[None, :]
+    mk = ok[:, None] & (ck < DK)
+    tl.store(dst + grp * DK + ck, tl.load(src + ck, mask=mk), mask=mk)
+    tl.store(dst + HK * DK + grp * DK + ck, tl.load(src + DK + ck, mask=mk), mask=mk)
+    cv = tl.arange(0, BRDV)[None, :]
+    mv = ok[:, None] & (cv < RDV)
+    tl.store(dst + 2 * HK * DK + grp * RDV + cv, tl.load(src + 2 * DK + cv, mask=mv), mask=mv)
+    tl.store(Z + r64 * stride_z + grp * RDV + cv, tl.load(src + 2 * DK + RDV + cv, mask=mv), mask=mv)
+    cr = tl.arange(0, BR)[None, :]
+    mr = ok[:, None] & (cr < R)
+    b = tl.load(BA + r64 * stride_ba + grp * 2 * R + cr, mask=mr, other=0.0).to(tl.float32)
+    a = tl.load(BA + r64 * stride_ba + grp * 2 * R + R + cr, mask=mr, other=0.0).to(tl.float32)
+    head = grp * R + cr
+    a = a + tl.load(DT_BIAS + head, mask=cr < R, other=0.0).to(tl.float32)
+    softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))        # torch's softplus (threshold 20)
+    g = -tl.exp(tl.load(A_LOG + head, mask=cr < R, other=0.0).to(tl.float32)) * softplus
+    tl.store(BETA + r64 * stride_b + head, tl.sigmoid(b).to(BETA.dtype.element_ty), mask=mr)
+    tl.store(G + r64 * stride_g + head, g, mask=mr)
+
+
+def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
+    """Same contract as ops/gdn_projections.split_and_gate. Replaces ~15 torch ops (four strided copies, a concat,
+    the gate arithmetic in fp32) with one launch that reads the projections once and writes each output once."""
+    N = qkvz.shape[0]
+    if qkvz.stride(-1) != 1 or ba.stride(-1) != 1:
+        raise ValueError("the projections must be contiguous in their last dimension")
+    hv = hk * r
+    mixed = torch.empty(N, 2 * hk * dk + hv * dv, device=qkvz.device, dtype=qkvz.dtype)
+    z = torch.empty(N, hv, dv, device=qkvz.device, dtype=qkvz.dtype)
+    beta = torch.empty(N, hv, device=qkvz.device, dtype=ba.dtype)
+    g = torch.empty(N, hv, device=qkvz.device, dtype=torch.float32)
+    BT = 16
+    _split_gate_kernel[(triton.cdiv(N, BT), hk)](
+        qkvz, ba, A_log, dt_bias, mixed, z, beta, g, N, qkvz.stride(0), ba.stride(0), mixed.stride(0), z.stride(0),
+        beta.stride(0), g.stride(0), HK=hk, DK=dk, R=r, RDV=r * dv, BT=BT, BDK=triton.next_power_of_2(dk),
+        BRDV=triton.next_power_of_2(r * dv), BR=triton.next_power_of_2(r), num_warps=4)
+    return mixed, z, beta, g

@@ -1,0 +1,29 @@
+"""Gated DeltaNet's input projections, unpacked from the checkpoint's layout (torch reference).
+
+in_proj_qkvz rows are grouped per key head g (r = Hv / Hk value heads per group):
+    [q_g (dk) | k_g (dk) | v_{rg..rg+r-1} (r dv) | z_{rg..rg+r-1} (r dv)]
+in_proj_ba rows per key head g: [b_{rg..} (r) | a_{rg..} (r)]. The short conv runs over [all q | all k | all v].
+The GPU form (ops/triton_gdn.split_and_gate) does this and the gates in one pass.
+"""
+from __future__ import annotations
+
+import torch
+
+from .gated_delta import gates
+
+
+def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, hk: int, dk: int, r: int, dv: int):
+    """qkvz [N, Hk (2 dk + 2 r dv)], ba [N, 2 Hv] -> the conv input [N, 2 Hk dk + Hv dv], z [N, Hv, dv] and the
+    raw gate projections b, a [N, Hv]."""
+    N = qkvz.shape[0]
+    q, k, v, z = qkvz.view(N, hk, -1).split([dk, dk, r * dv, r * dv], dim=-1)
+    b, a = ba.view(N, hk, 2 * r).split(r, dim=-1)
+    mixed = torch.cat([q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1)], dim=-1)
+    return mixed, z.reshape(N, hk * r, dv), b.reshape(N, -1), a.reshape(N, -1)
+
+
+def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
+    """split_projections, then the gates: -> (conv input, z, beta = sigmoid(b) in b's dtype, g fp32 [N, Hv])."""
+    mixed, z, b, a = split_projections(qkvz, ba, hk, dk, r, dv)
+    beta, g = gates(b, a, A_log, dt_bias)
+    return mixed, z, beta, g

@@ -1,0 +1,85 @@
+"""Gated DeltaNet's causal depthwise conv1d over packed prefill chunks, in Triton (with SiLU, carried state).
+
+flash-linear-attention's conv kernel is as fast on the GPU, but its Python wrapper costs the host ~0.5 ms per call
+(H100 machine, benchmarks/host_overhead.py, 2026-11-23) while the kernel runs ~0.07 ms at 4K tokens: a 4K prefill
+is host-bound, and this is the largest share of it we can remove. Two launches: the conv (grid: token blocks x
+channel blocks; each token finds its sequence and in-sequence index in BatchMeta's token maps, and reads the K-1
+inputs before a sequence's first token from the carried state), and the final state of each sequence.
+
+Reference: ops/conv1d.causal_conv1d (the state of a sequence is its last K-1 inputs per channel, oldest first);
+tests/test_triton_kernels.py runs both in Triton's CPU interpreter, benchmarks/check_gpu.py on the GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_kernel(X, W, H0, SEQ, IDX, Y, N, C, stride_x, stride_y, stride_hs, K: tl.constexpr, BT: tl.constexpr,
+                 BC: tl.constexpr, HAS_H0: tl.constexpr, ACT: tl.constexpr):
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    r_ok = rows < N
+    c_ok = (cols < C)[None, :]
+    seq = tl.load(SEQ + rows, mask=r_ok, other=0).to(tl.int64)
+    idx = tl.load(IDX + rows, mask=r_ok, other=0)
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    for j in tl.static_range(K):
+        m = idx - (K - 1) + j                                  # in-sequence index of the input this tap reads
+        src = (rows - (K - 1) + j).to(tl.int64)
+        v = tl.load(X + src[:, None] * stride_x + cols[None, :], mask=(r_ok & (m >= 0))[:, None] & c_ok, other=0.0)
+        v = v.to(tl.float32)
+        if HAS_H0:                                             # before the chunk: the carried state
+            h = tl.load(H0 + seq[:, None] * stride_hs + cols[None, :] * (K - 1) + (K - 1 + m)[:, None],
+                        mask=(r_ok & (m < 0))[:, None] & c_ok, other=0.0)
+            v += h.to(tl.float32)
+        w = tl.load(W + cols * K + j, mask=cols < C, other=0.0).to(tl.float32)
+        acc += v * w[None, :]
+    if ACT:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(Y + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty),
+             mask=r_ok[:, None] & c_ok)
+
+
+@triton.jit
+def _final_state_kernel(X, H0, CU, OUT, C, stride_x, stride_hs, stride_os, K: tl.constexpr, BC: tl.constexpr,
+                        HAS_H0: tl.constexpr):
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    c_ok = cols < C
+    start = tl.load(CU + s)
+    n = tl.load(CU + s + 1) - start
+    for p in tl.static_range(K - 1):
+        m = n - (K - 1) + p                                    # in-sequence index of the state's entry p
+        v = tl.load(X + (start + m).to(tl.int64) * stride_x + cols, mask=c_ok & (m >= 0), other=0.0)
+        v = v.to(OUT.dtype.element_ty)
+        if HAS_H0:
+            h = tl.load(H0 + s.to(tl.int64) * stride_hs + cols * (K - 1) + (K - 1 + m), mask=c_ok & (m < 0),
+                        other=0.0)
+            v += h.to(OUT.dtype.element_ty)
+        tl.store(OUT + s.to(tl.int64) * stride_os + cols * (K - 1) + p, v, mask=c_ok)
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor,
+                  token_seq: torch.Tensor, token_index: torch.Tensor, activation: bool = True):
+    """x [1, N, C] (sequences packed by cu_seqlens [S+1]), weight [C, K], initial_state [S, C, K-1] or None;
+    token_seq / token_index [N]: each token's sequence and index within it. Same results as ops/conv1d's
+    causal_conv1d with cu_seqlens: (y [1, N, C] in x's dtype, final state [S, C, K-1] in weight's dtype)."""
+    _, N, C = x.shape
+    K = weight.shape[-1]
+    S = cu_seqlens.numel() - 1
+    x2 = x[0] if x[0].stride(-1) == 1 else x[0].contiguous()
+    w = weight.contiguous()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    y = torch.empty(N, C, device=x.device, dtype=x.dtype)
+    final = torch.empty(S, C, K - 1, device=x.device, dtype=weight.dtype)
+    BT, BC = 16, 128
+    _conv_kernel[(triton.cdiv(N, BT), triton.cdiv(C, BC))](
+        x2, w, x2 if h0 is None else h0, token_seq, token_index, y, N, C, x2.stride(0), y.stride(0),
+        0 if h0 is None else h0.stride(0), K=K, BT=BT, BC=BC, HAS_H0=h0 is not None, ACT=activation, num_warps=4)
+    _final_state_kernel[(S, triton.cdiv(C, 256))](
+        x2, x2 if h0 is None else h0, cu_seqlens, final, C, x2.stride(0), 0 if h0 is None else h0.stride(0),
+        final.stride(0), K=K, BC=256, HAS_H0=h0 is not None, num_warps=4)
+    return y[None], final
