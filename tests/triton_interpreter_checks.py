@@ -65,8 +65,8 @@ for T, E, k, norm in [(3, 512, 10, True), (2, 20, 3, False), (1, 8, 8, True)]:
     w, ids = route(logits, k, norm)
     rw, rids = moe.route(logits, k, norm)
     check(f"route T={T} E={E} k={k} weights", w, rw, 1e-6)
-    if not torch.equal(ids, rids):
-        print(f"route T={T} E={E} k={k}: ids differ")
+    if not torch.equal(ids, rids) or ids.dtype != rids.dtype or w.dtype != rw.dtype:
+        print(f"route T={T} E={E} k={k}: ids or dtypes differ")
         failures.append("route ids")
 
 # Gated DeltaNet decode step, state in place: grouped value heads (2 key / 4 value heads), a fresh sequence whose
@@ -96,6 +96,13 @@ for bound in (None, 200):
     got = paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens, meta.max_context_len,
                                  D ** -0.5, target_programs=8)
     check(f"paged_decode_attention bound={meta.max_context_len}", got, want, 1e-5)
+# one long sequence split 38 ways: the merge reads the splits in several chunks
+pages1 = list(range(40))
+kp, vp = torch.randn(40, page, Hkv, D), torch.randn(40, page, Hkv, D)
+meta = BatchMeta.build([1], [600], [0], [pages1], page)
+got = paged_decode_attention(q[:1], kp, vp, meta.page_table, meta.context_lens, meta.max_context_len, D ** -0.5,
+                             target_programs=264)
+check("paged_decode_attention 38 splits", got, attention.paged_attention(q[:1], kp, vp, meta, D ** -0.5), 1e-5)
 
 # RMS norms: zero-centred, plain, gated; a row width that is not a power of two, a strided (non-contiguous) input
 x, z = torch.randn(7, 3, 48), torch.randn(7, 3, 48)

@@ -44,12 +44,15 @@ class SparseMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits = self.gate(x)
         weights, ids = kernels.route(logits, self.top_k, self.norm_topk_prob)
-        shared_weight = torch.sigmoid(self.shared_expert_gate(x))
         if kernels.moe_decode_applies(x):     # a few tokens on GPU: routed + shared experts in two fused kernels
+            # the shared expert's one-output gate as a product and a sum: a compiled decode layer fuses them with
+            # its neighbours, where the linear is a cuBLAS dot plus a reduce kernel in every layer of every step
+            acc = torch.promote_types(x.dtype, torch.float32)
+            shared_weight = torch.sigmoid((x * self.shared_expert_gate.weight[0]).sum(-1, True, dtype=acc))
             se = self.shared_expert
             y = kernels.moe_decode(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights,
                                    se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight, shared_weight)
             return y.view(shape), logits
         y = kernels.experts_forward(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
-        y = y + shared_weight * self.shared_expert(x)
+        y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.view(shape), logits

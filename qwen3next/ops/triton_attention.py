@@ -56,6 +56,31 @@ def _decode_split_kernel(Q, K, V, PT, CTX, O, M, L, scale, stride_qs, stride_qh,
     tl.store(L + s * stride_ms + h * stride_mh + split, l, mask=g_ok)
 
 
+@triton.jit
+def _merge_kernel(O, M, L, OUT, Hq, stride_os, stride_oh, stride_osp, stride_ms, stride_mh, stride_outs,
+                  stride_outh, SPLITS: tl.constexpr, BLOCK_SP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+    """One (sequence, query head): softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i,
+    the partial outputs read CHUNK splits at a time (a whole [SPLITS, D] tile would not fit in registers)."""
+    s = tl.program_id(0) // Hq
+    h = tl.program_id(0) % Hq
+    ms = M + s * stride_ms + h * stride_mh
+    sp = tl.arange(0, BLOCK_SP)
+    m = tl.load(ms + sp, mask=sp < SPLITS, other=float("-inf"))
+    l = tl.load(L + s * stride_ms + h * stride_mh + sp, mask=sp < SPLITS, other=0.0)
+    top = tl.max(m, 0)
+    denom = tl.sum(l * tl.exp(m - top), 0)
+    d = tl.arange(0, D)
+    acc = tl.zeros([D], tl.float32)
+    for c in range(0, SPLITS, CHUNK):
+        spc = c + tl.arange(0, CHUNK)
+        ok = spc < SPLITS
+        w = tl.exp(tl.load(ms + spc, mask=ok, other=float("-inf")) - top)
+        o = tl.load(O + s * stride_os + h * stride_oh + spc[:, None] * stride_osp + d[None, :], mask=ok[:, None],
+                    other=0.0)
+        acc += tl.sum(o * w[:, None], 0)
+    tl.store(OUT + s * stride_outs + h * stride_outh + d, (acc / denom).to(OUT.dtype.element_ty))
+
+
 def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor,
                            context_lens: torch.Tensor, max_context_len: int, scale: float,
                            target_programs: int = 264) -> torch.Tensor:
@@ -77,8 +102,9 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         q, kf, vf, pt, ctx, o, m, l_, scale, q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), pt.stride(0),
         pt.shape[1], o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=page, SPLITS=splits)
-    # merge the splits: softmax over all keys = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i
-    M = m.max(dim=-1, keepdim=True).values
-    w = torch.exp(m - M)
-    out = (o * w[..., None]).sum(2) / (l_ * w).sum(-1, keepdim=True)
-    return out.to(q.dtype)
+    # merge the splits in one kernel (as torch ops: ~8 small kernels in every attention layer of every step)
+    out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
+    _merge_kernel[(S * Hq,)](o, m, l_, out, Hq, o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1),
+                             out.stride(0), out.stride(1), SPLITS=splits, BLOCK_SP=triton.next_power_of_2(splits),
+                             CHUNK=16, D=D)
+    return out

@@ -50,7 +50,7 @@ def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, sc
     g = -tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus
     beta = tl.sigmoid(tl.load(B + s * stride_as + h).to(tl.float32))
     slot = tl.load(SLOTS + s).to(tl.int64)
-    carry = tl.load(FRESH + s) == 0                # a fresh sequence starts from a zero state
+    carry = tl.load(FRESH + s).to(tl.int32) == 0   # a fresh sequence starts from a zero state (FRESH: bool)
     ptr = STATE + slot * stride_ss + h * stride_sh + kk[:, None] * DV + vv[None, :]
     m = k_ok[:, None] & v_ok[None, :]
     S = tl.load(ptr, mask=m & carry, other=0.0)
@@ -74,7 +74,7 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
     o = torch.empty(S, Hv, dv, device=v.device, dtype=v.dtype)
     BV = min(32, triton.next_power_of_2(dv))
     _gdn_decode_kernel[(S, Hv, triton.cdiv(dv, BV))](
-        q, k, v, a, b, A_log, dt_bias, state, slots, fresh.to(torch.int8), o,
+        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o,        # fresh read as bool: no cast kernel
         dk ** -0.5 if scale is None else scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0),
         state.stride(0), state.stride(1), o.stride(0), o.stride(1),

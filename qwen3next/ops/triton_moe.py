@@ -25,7 +25,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _up_kernel(X, IDS, W, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, stride_s, stride_h,
+def _up_kernel(X, IDS, W, SW, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, stride_s, stride_h,
                K: tl.constexpr, S: tl.constexpr, I: tl.constexpr, IS: tl.constexpr, H: tl.constexpr,
                BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
     pair = tl.program_id(0)
@@ -38,10 +38,12 @@ def _up_kernel(X, IDS, W, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, strid
         g_base = GU + e * stride_e
         u_base = g_base + I * stride_gu
         row_stride = stride_gu
+        w = tl.load(W + t * K + slot).to(tl.float32)
     else:                       # the shared expert
         g_base = SG
         u_base = SU
         row_stride = stride_s
+        w = tl.load(SW + t).to(tl.float32)
     if blk * BLOCK_I >= n_rows:
         return
     rows = blk * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -58,7 +60,6 @@ def _up_kernel(X, IDS, W, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, strid
         wu = tl.load(u_base + rows[:, None] * row_stride + c[None, :], mask=m, other=0.0).to(tl.float32)
         acc_g += tl.sum(wg * x[None, :], 1)
         acc_u += tl.sum(wu * x[None, :], 1)
-    w = tl.load(W + t * S + slot).to(tl.float32)
     h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u * w
     tl.store(Hbuf + pair * stride_h + rows, h, mask=row_ok)
 
@@ -105,22 +106,22 @@ def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: 
     shared = shared_gate is not None
     S = K + (1 if shared else 0)
     inter_s = shared_gate.shape[0] if shared else inter
+    # ids, weights and the shared weight are read as they come (any int / float dtype): a cast or a concat here
+    # would be one more small kernel per layer in every decode step
     x = x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
-    ids = ids.to(torch.int32).contiguous()
-    w = weights.float()
+    ids, w = ids.contiguous(), weights.contiguous()
     if shared:
-        w = torch.cat([w, shared_weight.float().reshape(T, 1)], dim=1)
+        sw = shared_weight.reshape(T).contiguous()
         sg, su, sd = shared_gate.contiguous(), shared_up.contiguous(), shared_down.contiguous()
     else:
-        sg = su = sd = gate_up       # never read: every slot is routed
-    w = w.contiguous()
+        sw, sg, su, sd = w, gate_up, gate_up, gate_up       # never read: every slot is routed
     width = max(inter, inter_s)
     h = torch.empty(T * S, width, device=x.device, dtype=torch.float32)
     y = torch.empty(T * S, Hd, device=x.device, dtype=torch.float32)
     BLOCK_I, BLOCK_H = 16, 256
     _up_kernel[(T * S, triton.cdiv(width, BLOCK_I))](
-        x, ids, w, gate_up, sg, su, h, x.stride(0), gate_up.stride(0), gate_up.stride(1), sg.stride(0), h.stride(0),
+        x, ids, w, sw, gate_up, sg, su, h, x.stride(0), gate_up.stride(0), gate_up.stride(1), sg.stride(0), h.stride(0),
         K=K, S=S, I=inter, IS=inter_s, H=Hd, BLOCK_I=BLOCK_I, BLOCK_H=BLOCK_H, num_warps=4)
     BLOCK_N, BLOCK_K = 32, 128
     _down_kernel[(T * S, triton.cdiv(Hd, BLOCK_N))](
@@ -147,8 +148,8 @@ def _route_kernel(LOGITS, W, IDS, stride_l, E: tl.constexpr, K: tl.constexpr, BL
         p = tl.where(e == best, -1.0, p)
     if NORM:
         top_w = top_w / tl.sum(top_w, 0)             # the padding entries are 0
-    tl.store(W + t * K + kk, top_w, mask=kk < K)
-    tl.store(IDS + t * K + kk, top_i, mask=kk < K)
+    tl.store(W + t * K + kk, top_w.to(W.dtype.element_ty), mask=kk < K)
+    tl.store(IDS + t * K + kk, top_i.to(IDS.dtype.element_ty), mask=kk < K)
 
 
 def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
@@ -156,8 +157,9 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     ~12 us at one token): router_logits [T, E] -> (weights [T, k] in the logits' dtype, expert ids [T, k] int64)."""
     T, E = router_logits.shape
     logits = router_logits.contiguous()
-    w = torch.empty(T, top_k, device=logits.device, dtype=torch.float32)
-    ids = torch.empty(T, top_k, device=logits.device, dtype=torch.int32)
+    # the kernel stores in the output dtypes itself: casts afterwards would be two more kernels per decode layer
+    w = torch.empty(T, top_k, device=logits.device, dtype=router_logits.dtype)
+    ids = torch.empty(T, top_k, device=logits.device, dtype=torch.int64)
     _route_kernel[(T,)](logits, w, ids, logits.stride(0), E=E, K=top_k, BLOCK_E=triton.next_power_of_2(E),
                         BLOCK_K=triton.next_power_of_2(top_k), NORM=norm_topk_prob, num_warps=4)
-    return w.to(router_logits.dtype), ids.long()
+    return w, ids
