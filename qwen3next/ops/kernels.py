@@ -6,6 +6,7 @@ QWEN3NEXT_KERNELS=torch forces the references everywhere (used to compare GPU ke
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -47,7 +48,11 @@ def _gpu(x) -> bool:
 # torch.compile; eagerly, their Triton launchers are called directly: the custom-op wrapper checks its outputs on
 # every call, ~0.1-0.25 ms of host time each, which a host-bound 4K prefill pays in every layer (H100 machine,
 # benchmarks/host_overhead.py, 2026-11-23).
-_compiling = torch.compiler.is_compiling
+def _gpu_kernel(op: str, module: str, fn: str):
+    if torch.compiler.is_compiling():
+        from . import custom_ops
+        return getattr(custom_ops, op)
+    return getattr(importlib.import_module(f".{module}", __package__), fn)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, **kw):
@@ -76,10 +81,7 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
         return _overrides["gated_delta_decode"](q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
     if (FUSED_STEP_KERNELS and _gpu(q) and _cuda.has_triton() and state.dtype == torch.float32
             and not _needs_grad(q, k, v, a, b)):
-        if _compiling():
-            from .custom_ops import gdn_decode as kernel
-        else:
-            from .triton_gdn import gated_delta_decode as kernel
+        kernel = _gpu_kernel("gdn_decode", "triton_gdn", "gated_delta_decode")
         return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
     # gather the states, the recurrent kernel (fla's on GPU), scatter them back
     return _gdr.gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh,
@@ -119,10 +121,7 @@ def moe_decode(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_do
     if "moe_decode" in _overrides:
         return _overrides["moe_decode"](x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down,
                                         shared_weight)
-    if _compiling():
-        from .custom_ops import moe_decode as fused
-    else:
-        from .triton_moe import moe_decode as fused
+    fused = _gpu_kernel("moe_decode", "triton_moe", "moe_decode")
     y = fused(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_down, shared_weight)
     return y.sum(1, dtype=torch.float32).to(x.dtype)   # in a compiled layer this fuses with the residual add
 
@@ -155,10 +154,7 @@ def paged_attention(q, k_pages, v_pages, meta, scale):
     if "paged_attention" in _overrides:
         return _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
     if _gpu(q) and (meta.is_decode or meta.is_verify) and _cuda.has_triton():
-        if _compiling():
-            from .custom_ops import paged_decode_attention
-        else:
-            from .triton_attention import paged_decode_attention
+        paged_decode_attention = _gpu_kernel("paged_decode_attention", "triton_attention", "paged_decode_attention")
         if meta.is_decode:
             return paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens,
                                           meta.max_context_len, scale)
@@ -176,10 +172,7 @@ def route(router_logits, top_k, norm_topk_prob):
     if "route" in _overrides:
         return _overrides["route"](router_logits, top_k, norm_topk_prob)
     if FUSED_STEP_KERNELS and _gpu(router_logits) and _cuda.has_triton() and not _needs_grad(router_logits):
-        if _compiling():                               # softmax + top-k + renormalisation in one kernel
-            from .custom_ops import route as fused
-        else:
-            from .triton_moe import route as fused
+        fused = _gpu_kernel("route", "triton_moe", "route")   # softmax + top-k + renormalisation in one kernel
         return fused(router_logits, top_k, norm_topk_prob)
     return _moe.route(router_logits, top_k, norm_topk_prob)
 
