@@ -28,13 +28,16 @@ def _fused_moe(*args):
     return moe_decode(*args).sum(1).to(args[0].dtype)
 
 
-@pytest.fixture(params=["torch ops", "custom ops (fused MoE, routing, in-place GDN step)"])
+@pytest.fixture(params=["torch ops", "custom ops (fused MoE, routing, in-place GDN and conv steps, gemv)"])
 def compiled_on_cpu(request):
     kernels.use(experts_forward=_dense_experts)
     if request.param != "torch ops":
-        from qwen3next.ops.custom_ops import gdn_decode, route
+        from qwen3next.ops.custom_ops import conv_step, gdn_decode, gemv, route
         kernels.use(moe_decode=_fused_moe, route=route,
-                    gated_delta_decode=lambda *a: gdn_decode(*a, None))   # mutates the state pool in place
+                    gated_delta_decode=lambda *a: gdn_decode(*a, None),   # mutates the state pool in place
+                    causal_conv1d_step=conv_step,                        # so does this
+                    # on GPU only one-row inputs take it; its CPU kernel (F.linear) takes any, so every step traces it
+                    linear=lambda x, w, b: gemv(x, w) if b is None else F.linear(x, w, b))
     yield
     fused.DECODE.update(enabled="auto", backend="inductor", fullgraph=False, verify=False, max_tokens=8)
     kernels.reset()

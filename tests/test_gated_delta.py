@@ -87,3 +87,36 @@ def test_conv_state_carries_across_chunks():
     xp = torch.nn.functional.pad(x, (0, 0, 3, 0))
     manual = sum(w[:, j] * xp[:, j:j + 11] for j in range(4))
     assert torch.allclose(full, torch.nn.functional.silu(manual), atol=1e-6)
+
+
+def test_conv_decode_step_updates_its_slots_in_place():
+    """ops/conv1d.causal_conv1d_step (the oracle of the Triton step kernel): token by token through a state pool in
+    shuffled slots it equals the whole-sequence conv; a fresh sequence ignores what its slot held; other slots are
+    untouched."""
+    from qwen3next.ops.conv1d import causal_conv1d_step
+    x, w = torch.randn(2, 7, 6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    full, final = causal_conv1d(x, w)
+    pool = torch.randn(5, 6, 3, dtype=torch.float64)
+    untouched = pool[[0, 1, 4]].clone()
+    slots = torch.tensor([3, 2])
+    ys = [causal_conv1d_step(x[:, t], w, pool, slots, torch.tensor([t == 0, t == 0])) for t in range(7)]
+    assert torch.allclose(torch.stack(ys, 1), full, atol=1e-12)
+    assert torch.allclose(pool[slots], final) and torch.equal(pool[[0, 1, 4]], untouched)
+
+
+def test_linear_layers_go_through_the_op_table():
+    """Model projections call kernels.linear (the one-row GPU kernel's entry); on CPU it is F.linear; the
+    parameters keep nn.Linear's names, so checkpoints do not change."""
+    from qwen3next.model.linear import Linear
+    from qwen3next.ops import kernels
+    lin = Linear(8, 3, bias=False)
+    x = torch.randn(1, 8)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight))
+    assert list(lin.state_dict()) == ["weight"]
+    calls = []
+    kernels.use(linear=lambda x, w, b: calls.append(x.shape) or torch.nn.functional.linear(x, w, b))
+    try:
+        lin(x)
+    finally:
+        kernels.reset()
+    assert calls == [(1, 8)]

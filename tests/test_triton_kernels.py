@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 30, r.stdout
+    assert r.stdout.count("max error") == 39, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -44,10 +44,10 @@ def test_moe_kernels_compile_for_hopper(dtype):
     up = _compile(m._up_kernel, {**_ptrs("X", dtype), "IDS": "*i64", "W": "*fp32", "SW": f"*{dtype}",
                                  **_ptrs("GU SG SU", dtype),
                                  "Hbuf": "*fp32", **_ints("stride_x stride_e stride_gu stride_s stride_h")},
-                  dict(K=10, S=11, I=512, IS=512, H=2048, BLOCK_I=16, BLOCK_H=256))
+                  dict(K=10, S=11, I=512, IS=512, H=2048, BLOCK_I=4, BLOCK_H=256))
     down = _compile(m._down_kernel, {"Hbuf": "*fp32", "IDS": "*i64", **_ptrs("D SD", dtype), "Y": "*fp32",
                                      **_ints("stride_h stride_de stride_dr stride_sr stride_y")},
-                    dict(K=10, S=11, I=512, IS=512, KMAX=512, H=2048, BLOCK_N=32, BLOCK_K=128))
+                    dict(K=10, S=11, I=512, IS=512, KMAX=512, H=2048, BLOCK_N=8, BLOCK_K=256))
     assert ".entry _up_kernel" in up.asm["ptx"] and ".entry _down_kernel" in down.asm["ptx"]
 
 
@@ -56,6 +56,22 @@ def test_route_kernel_compiles_for_hopper():
     k = _compile(m._route_kernel, {"LOGITS": "*bf16", "W": "*bf16", "IDS": "*i64", "stride_l": "i32"},
                  dict(E=512, K=10, BLOCK_E=512, BLOCK_K=16, NORM=True))
     assert ".entry _route_kernel" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_conv_step_kernel_compiles_for_hopper(dtype):
+    from qwen3next.ops import triton_conv as m
+    k = _compile(m._conv_step_kernel, {**_ptrs("X W STATE", dtype), "SLOTS": "*i64", "FRESH": "*i1",
+                                       "Y": f"*{dtype}", **_ints("C stride_x stride_y stride_ss")},
+                 dict(K=4, BK=4, BC=256, ACT=True))
+    assert ".entry _conv_step_kernel" in k.asm["ptx"] and "bar.sync" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_gemv_kernel_compiles_for_hopper(dtype):
+    from qwen3next.ops import triton_gemv as m
+    k = _compile(m._gemv_kernel, {**_ptrs("X W Y", dtype), **_ints("N K stride_w")}, dict(BLOCK_N=2, BLOCK_K=2048))
+    assert ".entry _gemv_kernel" in k.asm["ptx"]
 
 
 def test_gdn_decode_kernel_compiles_for_hopper():

@@ -30,6 +30,7 @@ from qwen3next.ops import triton_grouped, triton_norm  # noqa: E402
 from qwen3next.ops.triton_gdn import gated_delta_decode, split_and_gate  # noqa: E402
 from qwen3next.ops.triton_attention import paged_decode_attention  # noqa: E402
 from qwen3next.ops.triton_moe import moe_decode, route  # noqa: E402
+from qwen3next.ops.triton_gemv import gemv  # noqa: E402
 
 failures = []
 
@@ -142,6 +143,23 @@ for lens, starts, h0 in (([1, 2, 9, 5], [3, 7, 0, 12], True), ([6, 3], [0, 0], F
     want = conv1d.causal_conv1d(x, w, init, cu_seqlens=meta.cu_seqlens)
     check(f"causal_conv1d lens={lens} state={h0} y", got[0], want[0], 1e-5)
     check(f"causal_conv1d lens={lens} state={h0} final state", got[1], want[1], 1e-6)
+
+# conv decode step: the pool updated in place in shuffled slots, a fresh sequence ignoring its old slot, K = 4 and 3
+for K, dtype in ((4, torch.float32), (3, torch.float32), (4, torch.bfloat16)):
+    S, C, N = 3, 300, 5
+    x, w = torch.randn(S, C, dtype=dtype), torch.randn(C, K, dtype=dtype)
+    pool = torch.randn(N, C, K - 1, dtype=dtype)
+    slots, fresh = torch.tensor([4, 0, 2]), torch.tensor([False, True, False])
+    want_pool = pool.clone()
+    want = conv1d.causal_conv1d_step(x, w, want_pool, slots, fresh)
+    got = triton_conv.causal_conv1d_step(x, w, pool, slots, fresh)
+    check(f"causal_conv1d_step K={K} {dtype} y", got.float(), want.float(), 1e-2 if dtype == torch.bfloat16 else 1e-5)
+    check(f"causal_conv1d_step K={K} {dtype} pool", pool.float(), want_pool.float(), 1e-6)
+
+# one-row linear: odd row counts, a width past one block (2048) with a ragged tail, a weight with padded rows
+for N, K in ((5, 48), (33, 3000), (7, 2048)):
+    x, w = torch.randn(1, 1, K), torch.randn(N, K + 3)[:, :K]
+    check(f"gemv N={N} K={K}", gemv(x, w), F.linear(x, w), 1e-5)
 
 if failures:
     sys.exit(f"mismatches: {failures}")

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops import kernels
+from .linear import Linear
 from .cache import BatchMeta, KVPages
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -22,10 +23,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim ** -0.5
         zc = cfg.model_type == "qwen3_next"
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim * (2 if self.gated else 1), bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.head_dim * (2 if self.gated else 1), bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, zero_centered=zc)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, zero_centered=zc)
 

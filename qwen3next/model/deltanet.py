@@ -13,6 +13,7 @@ from ..ops import gated_delta as gdr_ops
 from ..ops import gdn_projections as proj_ops
 from ..ops import kernels
 from .cache import BatchMeta, GDNState
+from .linear import Linear
 from .norm import GatedRMSNorm
 
 
@@ -31,13 +32,13 @@ class GatedDeltaNet(nn.Module):
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.r = self.hv // self.hk
         self.key_dim, self.value_dim = self.hk * self.dk, self.hv * self.dv
-        self.in_proj_qkvz = nn.Linear(cfg.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
-        self.in_proj_ba = nn.Linear(cfg.hidden_size, 2 * self.hv, bias=False)
+        self.in_proj_qkvz = Linear(cfg.hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = Linear(cfg.hidden_size, 2 * self.hv, bias=False)
         self.conv1d = DepthwiseConv(cfg.linear_conv_dim, cfg.linear_conv_kernel_dim)
         self.dt_bias = nn.Parameter(torch.ones(self.hv))
         self.A_log = nn.Parameter(torch.zeros(self.hv))
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps)
-        self.out_proj = nn.Linear(self.value_dim, cfg.hidden_size, bias=False)
+        self.out_proj = Linear(self.value_dim, cfg.hidden_size, bias=False)
 
     def _project(self, x: torch.Tensor):
         """-> conv input [B, T, C], z [B, T, Hv, dv], raw gate projections b, a [B, T, Hv]."""
@@ -66,16 +67,17 @@ class GatedDeltaNet(nn.Module):
         conv_w = self.conv1d.weight.squeeze(1)
         cu = cu_host = conv0 = rec0 = None
         if state is not None:
+            keep_steps = meta.keep_step_states is not None and any(meta.keep_step_states)
+            if meta.is_decode and not keep_steps:
+                mixed, z, b, a = self._project(x)
+                return self._decode_step(mixed, z, b, a, conv_w, state, meta)
             fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
             conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
-            if meta.keep_step_states is not None and any(meta.keep_step_states):
+            if keep_steps:
                 mixed, z, b, a = self._project(x)
                 rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
                 o = self._forward_keeping_steps(mixed, b, a, conv_w, conv0, rec0, state, meta)
                 return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
-            if meta.is_decode:
-                mixed, z, b, a = self._project(x)
-                return self._decode_step(mixed, z, b, a, conv_w, conv0, state, meta)
             rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
             cu, cu_host = meta.cu_seqlens, meta.cu_seqlens_cpu
         mixed, z, beta, g = self._project_and_gate(x)
@@ -99,14 +101,14 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z)
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
-    def _decode_step(self, mixed, z, b, a, conv_w, conv0, state: GDNState, meta: BatchMeta) -> torch.Tensor:
-        """One token for each of S sequences (packed as [1, S, ...]): the conv step, then the delta rule with each
-        recurrent state updated in place in its slot (on GPU one fused kernel, ops/triton_gdn.py)."""
+    def _decode_step(self, mixed, z, b, a, conv_w, state: GDNState, meta: BatchMeta) -> torch.Tensor:
+        """One token for each of S sequences (packed as [1, S, ...]): the conv step, then the delta rule, each
+        conv and recurrent state updated in place in its slot (on GPU one kernel each: ops/triton_conv.py,
+        ops/triton_gdn.py)."""
         S = mixed.shape[1]
-        mixed, conv_final = kernels.causal_conv1d(mixed.transpose(0, 1), conv_w, conv0)     # [S, 1, C]
-        state.conv[meta.slots] = conv_final.to(state.conv.dtype)
-        q, k, v = self._heads(mixed)
-        o = kernels.gated_delta_decode(q[:, 0], k[:, 0], v[:, 0], a[0], b[0], self.A_log, self.dt_bias,
+        mixed = kernels.causal_conv1d_step(mixed[0], conv_w, state.conv, meta.slots, meta.fresh)   # [S, C]
+        q, k, v = self._heads(mixed[None])            # views of the conv output
+        o = kernels.gated_delta_decode(q[0], k[0], v[0], a[0], b[0], self.A_log, self.dt_bias,
                                        state.recurrent, meta.slots, meta.fresh)           # [S, Hv, dv]
         o = self.norm(o[None], z)
         return self.out_proj(o.reshape(1, S, self.value_dim))

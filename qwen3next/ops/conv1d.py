@@ -42,3 +42,15 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
         steps = full.unfold(-1, K - 1, 1)[:, :, 1:]                      # [B, C, T, K-1]
         return y.transpose(1, 2).to(x.dtype), steps.permute(0, 2, 1, 3).contiguous()
     return y.transpose(1, 2).to(x.dtype), full[:, :, -(K - 1):].clone()
+
+
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+                       fresh: torch.Tensor, activation: bool = True) -> torch.Tensor:
+    """A decode step: one token per sequence, each sequence's conv state updated IN PLACE in its slot of the pool.
+
+    x [S, C], weight [C, K], state [num_slots, C, K-1], slots [S], fresh [S] bool (start from a zero state).
+    Returns y [S, C] in x's dtype. The GPU version is ops/triton_conv.causal_conv1d_step."""
+    h0 = state[slots].masked_fill(fresh[:, None, None], 0)
+    y, final = causal_conv1d(x[:, None], weight, h0, activation=activation)
+    state[slots] = final.to(state.dtype)
+    return y[:, 0]

@@ -3,7 +3,7 @@
 A compiled decode layer (ops/fused.decode_compiled) fuses the small torch ops around these calls; the kernels
 themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention, decode MoE,
 routing and GDN decode step) are launched as they are. Each op has a "fake" implementation that only states the
-output shapes, which is all the compiler needs. The decode MoE, routing and GDN ops also have a CPU kernel, the
+output shapes, which is all the compiler needs. The decode MoE, routing, conv and GDN step and one-row linear ops also have a CPU kernel, the
 torch reference, so that CPU tests can trace and run them inside a compiled decode layer. The implementations
 import their GPU libraries lazily, so registering the ops costs nothing on CPU.
 """
@@ -105,3 +105,39 @@ def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale):
 @gdn_decode.register_fake
 def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale):
     return torch.empty_like(v)
+
+
+@torch.library.custom_op("qwen3next::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ops/triton_gemv.gemv: one row x [..., K] times weight [N, K]ᵀ -> [..., N]."""
+    from .triton_gemv import gemv as kernel
+    return kernel(x, weight)
+
+
+@gemv.register_kernel("cpu")
+def _(x, weight):
+    return torch.nn.functional.linear(x, weight)
+
+
+@gemv.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[:-1] + (weight.shape[0],))
+
+
+@torch.library.custom_op("qwen3next::conv_step", mutates_args=("state",))
+def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+              fresh: torch.Tensor) -> torch.Tensor:
+    """ops/triton_conv.causal_conv1d_step: a decode step of the short conv, the state pool updated in place."""
+    from .triton_conv import causal_conv1d_step as kernel
+    return kernel(x, weight, state, slots, fresh)
+
+
+@conv_step.register_kernel("cpu")
+def _(x, weight, state, slots, fresh):
+    from .conv1d import causal_conv1d_step as reference
+    return reference(x, weight, state, slots, fresh)
+
+
+@conv_step.register_fake
+def _(x, weight, state, slots, fresh):
+    return torch.empty_like(x)

@@ -144,6 +144,16 @@ def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=Non
     return _conv.causal_conv1d(x, weight, initial_state, **kw)
 
 
+def causal_conv1d_step(x, weight, state, slots, fresh):
+    """A decode step of the short conv (x [S, C] -> [S, C], SiLU), each conv state updated in place in the pool."""
+    if "causal_conv1d_step" in _overrides:
+        return _overrides["causal_conv1d_step"](x, weight, state, slots, fresh)
+    if (FUSED_STEP_KERNELS and _gpu(x) and _cuda.has_triton() and x.dtype != torch.float64
+            and not _needs_grad(x, weight)):
+        return _gpu_kernel("conv_step", "triton_conv", "causal_conv1d_step")(x, weight, state, slots, fresh)
+    return _conv.causal_conv1d_step(x, weight, state, slots, fresh)
+
+
 def causal_attention(q, k, v, scale):
     if "causal_attention" in _overrides:
         return _overrides["causal_attention"](q, k, v, scale)
@@ -175,6 +185,17 @@ def route(router_logits, top_k, norm_topk_prob):
         fused = _gpu_kernel("route", "triton_moe", "route")   # softmax + top-k + renormalisation in one kernel
         return fused(router_logits, top_k, norm_topk_prob)
     return _moe.route(router_logits, top_k, norm_topk_prob)
+
+
+def linear(x, weight, bias=None):
+    """A projection. One row on GPU (a batch-1 decode step) runs ops/triton_gemv.py: cuBLAS's tiles for one row
+    reach a fraction of the memory bandwidth on the small projections; more rows run F.linear (cuBLAS)."""
+    if "linear" in _overrides:
+        return _overrides["linear"](x, weight, bias)
+    if (bias is None and FUSED_STEP_KERNELS and _gpu(x) and x.numel() == x.shape[-1] and x.dtype == weight.dtype
+            and x.dtype != torch.float64 and _cuda.has_triton() and not _needs_grad(x, weight)):
+        return _gpu_kernel("gemv", "triton_gemv", "gemv")(x, weight)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _fused_elementwise_applies(x, *same_dtype) -> bool:
@@ -213,7 +234,7 @@ def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
 
 _NAMES = {"chunk_gated_delta_rule", "recurrent_gated_delta_rule", "experts_forward", "causal_conv1d",
           "causal_attention", "paged_attention", "moe_decode", "route", "gated_delta_decode",
-          "rms_norm", "gated_rms_norm", "split_and_gate"}
+          "rms_norm", "gated_rms_norm", "split_and_gate", "linear", "causal_conv1d_step"}
 
 
 def use(**ops) -> None:

@@ -83,3 +83,52 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
         x2, x2 if h0 is None else h0, cu_seqlens, final, C, x2.stride(0), 0 if h0 is None else h0.stride(0),
         final.stride(0), K=K, BC=256, HAS_H0=h0 is not None, num_warps=4)
     return y[None], final
+
+
+# ---- a decode step: one token per sequence, the conv state updated in place in the state pool ------------------
+# In a compiled decode layer the torch form of this step (gather the states, mask fresh ones, the K-tap dot
+# product, scatter the new states) became ~7 small kernels per Gated DeltaNet layer (Inductor materialises q, k and v
+# separately for the custom op after it); here it is one, and q, k, v are views of its output.
+
+@triton.jit
+def _conv_step_kernel(X, W, STATE, SLOTS, FRESH, Y, C, stride_x, stride_y, stride_ss, K: tl.constexpr,
+                      BK: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr):
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    c_ok = cols < C
+    j = tl.arange(0, BK)                                       # state column: the input j - (K - 1) steps back
+    slot = tl.load(SLOTS + s).to(tl.int64)
+    carry = tl.load(FRESH + s).to(tl.int32) == 0               # a fresh sequence starts from a zero state
+    base = STATE + slot * stride_ss + cols[:, None] * (K - 1)
+    old = tl.load(base + j[None, :], mask=c_ok[:, None] & (j < K - 1)[None, :] & carry, other=0.0)
+    nxt = tl.load(base + j[None, :] + 1, mask=c_ok[:, None] & (j + 1 < K - 1)[None, :] & carry, other=0.0)
+    x = tl.load(X + s * stride_x + cols, mask=c_ok, other=0.0).to(W.dtype.element_ty)   # the reference rounds
+    w_old = tl.load(W + cols[:, None] * K + j[None, :], mask=c_ok[:, None] & (j < K - 1)[None, :], other=0.0)
+    w_new = tl.load(W + cols * K + (K - 1), mask=c_ok, other=0.0)
+    acc = tl.sum(old.to(W.dtype.element_ty).to(tl.float32) * w_old.to(tl.float32), 1)
+    acc += x.to(tl.float32) * w_new.to(tl.float32)
+    if ACT:
+        acc = acc / (1.0 + tl.exp(-acc))                       # SiLU
+    tl.store(Y + s * stride_y + cols, acc.to(Y.dtype.element_ty), mask=c_ok)
+    new = tl.where((j == K - 2)[None, :], x[:, None].to(STATE.dtype.element_ty), nxt)
+    tl.debug_barrier()            # every read of this slot's old state happens before any write of the new one
+    tl.store(base + j[None, :], new, mask=c_ok[:, None] & (j < K - 1)[None, :])
+
+
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+                       fresh: torch.Tensor, activation: bool = True) -> torch.Tensor:
+    """Same contract as ops/conv1d.causal_conv1d_step: x [S, C], weight [C, K], state pool [N, C, K-1] (updated
+    in place), slots [S], fresh [S] bool -> y [S, C] in x's dtype."""
+    S, C = x.shape
+    K = weight.shape[-1]
+    if not state.is_contiguous() or not weight.is_contiguous():
+        raise ValueError("the conv state pool and the conv weight must be contiguous")
+    if K < 2:
+        raise ValueError(f"conv kernel width must be at least 2, got {K}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    y = torch.empty(S, C, device=x.device, dtype=x.dtype)
+    BC = 256
+    _conv_step_kernel[(S, triton.cdiv(C, BC))](x, weight, state, slots, fresh, y, C, x.stride(0), y.stride(0),
+                                               state.stride(0), K=K, BK=triton.next_power_of_2(K - 1), BC=BC,
+                                               ACT=activation, num_warps=4)
+    return y
