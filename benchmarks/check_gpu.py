@@ -478,14 +478,15 @@ def main():
                          "(default: all; "
                          "gdn is the slow one)")
     ap.add_argument("--no-fused-step-kernels", action="store_true",
-                    help="run the end-to-end checks without the fused routing and GDN decode-step kernels "
+                    help="run the end-to-end checks without the decode-step kernels (routing, GDN and conv step, "
+                         "one-row linear) "
                          "(kernels.FUSED_STEP_KERNELS, as QWEN3NEXT_FUSED_STEP_KERNELS=0 does)")
     args = ap.parse_args()
     from qwen3next.ops import kernels
     if args.no_fused_step_kernels:
         kernels.FUSED_STEP_KERNELS = False
-    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "gemv", "conv", "paged",
-                                                                   "prefill", "e2e"}
+    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "gemv", "conv",
+                                                                   "paged", "prefill", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
            "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
     try:

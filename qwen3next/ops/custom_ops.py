@@ -3,8 +3,9 @@
 A compiled decode layer (ops/fused.decode_compiled) fuses the small torch ops around these calls; the kernels
 themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention, decode MoE,
 routing and GDN decode step) are launched as they are. Each op has a "fake" implementation that only states the
-output shapes, which is all the compiler needs. The decode MoE, routing, conv and GDN step and one-row linear ops also have a CPU kernel, the
-torch reference, so that CPU tests can trace and run them inside a compiled decode layer. The implementations
+output shapes, which is all the compiler needs. The decode MoE, routing, conv and GDN steps and the one-row
+linear also have a CPU kernel, the torch reference, so that CPU tests can trace and run them inside a compiled
+decode layer. The implementations
 import their GPU libraries lazily, so registering the ops costs nothing on CPU.
 """
 from __future__ import annotations

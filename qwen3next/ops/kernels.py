@@ -28,7 +28,8 @@ _TORCH_ONLY = os.environ.get("QWEN3NEXT_KERNELS", "auto") == "torch"   # read on
 # Gated DeltaNet decode step as one kernel updating each state in place (ops/triton_gdn.py). H100, 80B-A3B shapes,
 # in CUDA graphs (benchmarks/check_gpu.py --only gdn_decode,moe_decode, 2026-11-23): the GDN step 1.46x / 6.9x /
 # 5.2x faster than gather + fla's recurrent kernel + scatter at 1 / 16 / 64 sequences (1.04x its bandwidth floor
-# at 16), the routing 1.8x (1 token) to 3.6x (4096 tokens) faster than torch's softmax + topk.
+# at 16), the routing 1.8x (1 token) to 3.6x (4096 tokens) faster than torch's softmax + topk. Also the conv of a
+# GDN decode step (ops/triton_conv.causal_conv1d_step) and one-row projections (ops/triton_gemv.py).
 # QWEN3NEXT_FUSED_STEP_KERNELS=0 falls back to the unfused paths.
 FUSED_STEP_KERNELS = os.environ.get("QWEN3NEXT_FUSED_STEP_KERNELS", "1") != "0"
 
@@ -67,6 +68,11 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
+def _step_kernel_applies(x, *more) -> bool:
+    """A decode-step kernel (FUSED_STEP_KERNELS) may run: x on CUDA, Triton present, no gradient wanted."""
+    return FUSED_STEP_KERNELS and _gpu(x) and _cuda.has_triton() and not _needs_grad(x, *more)
+
+
 def recurrent_gated_delta_rule(q, k, v, g, beta, **kw):
     if "recurrent_gated_delta_rule" in _overrides:
         return _overrides["recurrent_gated_delta_rule"](q, k, v, g, beta, **kw)
@@ -79,8 +85,7 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
     """A decode step of the delta rule, each sequence's recurrent state updated in place in the pool."""
     if "gated_delta_decode" in _overrides:
         return _overrides["gated_delta_decode"](q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
-    if (FUSED_STEP_KERNELS and _gpu(q) and _cuda.has_triton() and state.dtype == torch.float32
-            and not _needs_grad(q, k, v, a, b)):
+    if _step_kernel_applies(q, k, v, a, b) and state.dtype == torch.float32:
         kernel = _gpu_kernel("gdn_decode", "triton_gdn", "gated_delta_decode")
         return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
     # gather the states, the recurrent kernel (fla's on GPU), scatter them back
@@ -136,8 +141,8 @@ def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=Non
         from .triton_conv import causal_conv1d as conv
         return conv(x, weight, initial_state, kw["cu_seqlens"], token_seq, token_index,
                     activation=kw.get("activation", True))
-    # other prefill chunks on GPU: fla's Triton conv (one kernel, varlen); a decode step stays in torch, where the
-    # compiled decode layer fuses it with its neighbours
+    # other prefill chunks on GPU: fla's Triton conv (one kernel, varlen); a decode step has its own op,
+    # causal_conv1d_step below
     if (_gpu(x) and x.shape[1] > 1 and not kw.get("output_all_states") and _cuda.has_fla()
             and not _needs_grad(x, weight)):
         return _cuda.causal_conv1d(x, weight, initial_state, **kw)
@@ -148,8 +153,7 @@ def causal_conv1d_step(x, weight, state, slots, fresh):
     """A decode step of the short conv (x [S, C] -> [S, C], SiLU), each conv state updated in place in the pool."""
     if "causal_conv1d_step" in _overrides:
         return _overrides["causal_conv1d_step"](x, weight, state, slots, fresh)
-    if (FUSED_STEP_KERNELS and _gpu(x) and _cuda.has_triton() and x.dtype != torch.float64
-            and not _needs_grad(x, weight)):
+    if _step_kernel_applies(x, weight) and x.dtype != torch.float64:
         return _gpu_kernel("conv_step", "triton_conv", "causal_conv1d_step")(x, weight, state, slots, fresh)
     return _conv.causal_conv1d_step(x, weight, state, slots, fresh)
 
@@ -181,7 +185,7 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
 def route(router_logits, top_k, norm_topk_prob):
     if "route" in _overrides:
         return _overrides["route"](router_logits, top_k, norm_topk_prob)
-    if FUSED_STEP_KERNELS and _gpu(router_logits) and _cuda.has_triton() and not _needs_grad(router_logits):
+    if _step_kernel_applies(router_logits):
         fused = _gpu_kernel("route", "triton_moe", "route")   # softmax + top-k + renormalisation in one kernel
         return fused(router_logits, top_k, norm_topk_prob)
     return _moe.route(router_logits, top_k, norm_topk_prob)
@@ -192,8 +196,8 @@ def linear(x, weight, bias=None):
     reach a fraction of the memory bandwidth on the small projections; more rows run F.linear (cuBLAS)."""
     if "linear" in _overrides:
         return _overrides["linear"](x, weight, bias)
-    if (bias is None and FUSED_STEP_KERNELS and _gpu(x) and x.numel() == x.shape[-1] and x.dtype == weight.dtype
-            and x.dtype != torch.float64 and _cuda.has_triton() and not _needs_grad(x, weight)):
+    if (bias is None and x.numel() == x.shape[-1] and x.dtype == weight.dtype and x.dtype != torch.float64
+            and _step_kernel_applies(x, weight)):
         return _gpu_kernel("gemv", "triton_gemv", "gemv")(x, weight)
     return torch.nn.functional.linear(x, weight, bias)
 

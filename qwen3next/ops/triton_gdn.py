@@ -12,8 +12,9 @@ state in registers:
     S <- exp(g) S;   u = beta (v - S^T k);   S <- S + k u^T;   o = S^T q
     (q, k l2-normalised, q scaled by dk^-1/2; g = -exp(A_log) softplus(a + dt_bias); beta = sigmoid(b))
 
-The short conv before it and the gated RMSNorm after it stay in the compiled decode layer (ops/fused.py), which
-fuses them with their neighbours. Reference: ops/gated_delta.gated_delta_decode.
+The short conv before it is its own kernel (ops/triton_conv.causal_conv1d_step; q, k, v are views of its output);
+the gated RMSNorm after it stays in the compiled decode layer (ops/fused.py), which fuses it with its neighbours.
+Reference: ops/gated_delta.gated_delta_decode.
 
 Prefill: split_and_gate unpacks in_proj_qkvz / in_proj_ba (grouped per key head in the checkpoint) into the conv
 input, z and the gates beta, g. Reference: ops/gdn_projections.split_and_gate.
