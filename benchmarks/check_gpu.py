@@ -180,12 +180,25 @@ def check_conv():
         got = triton_conv.causal_conv1d_step(x, w, pool, slots, fresh)
         record(f"conv decode step S={S} output", rel(got, want), 2e-2)
         record(f"conv decode step S={S} state pool in place", rel(pool, want_pool), 1e-2)
+    # as the model runs it: q, k, v read out of whole in_proj_qkvz rows (80B-A3B: 16 key heads, dk 128, r dv 256)
+    from qwen3next.ops.gdn_projections import conv_input
+    hk, dk, rdv = 16, 128, 256
+    if C == hk * (2 * dk + rdv):
+        qkvz = torch.randn(4, hk * (2 * dk + 2 * rdv), device="cuda").bfloat16()
+        pool = torch.randn(9, C, K - 1, device="cuda").bfloat16()
+        slots, fresh = torch.tensor([3, 0, 7, 5], device="cuda"), torch.tensor([False, True, False, False], device="cuda")
+        want_pool = pool.float()
+        want = ref_conv.causal_conv1d_step(conv_input(qkvz, hk, dk, rdv).float(), w.float(), want_pool, slots, fresh)
+        got = triton_conv.causal_conv1d_step(qkvz, w, pool, slots, fresh, qkvz_layout=(hk, dk, rdv))
+        record("conv decode step reading grouped qkvz rows: output", rel(got, want), 2e-2)
+        record("conv decode step reading grouped qkvz rows: state pool", rel(pool, want_pool), 1e-2)
 
 
 def check_paged_decode():
     from qwen3next.model.cache import BatchMeta
+    from qwen3next.ops import attention as attention_ops
     from qwen3next.ops.attention import paged_attention
-    from qwen3next.ops.triton_attention import paged_decode_attention
+    from qwen3next.ops.triton_attention import paged_decode_attention, write_kv
     torch.manual_seed(0)
     for Hq, Hkv, D, page, ctxs in ((16, 2, 256, 64, [1, 100, 4096, 777]), (64, 8, 128, 16, [5] * 3 + [3000])):
         pps = [-(-c // page) for c in ctxs]
@@ -204,6 +217,17 @@ def check_paged_decode():
         # the bound a CUDA graph is captured with (the longest context) far above every real context
         out = paged_decode_attention(q, kp, vp, meta.page_table, meta.context_lens, 65536, D ** -0.5)
         record(f"  same, max_context_len bound 65536 (graph capture)", rel(out, ref), 2e-2)
+        gate = torch.randn(len(ctxs), Hq, 2 * D, device="cuda").bfloat16()[..., D:]     # a strided view, as in the model
+        out = paged_decode_attention(q, kp, vp, meta.page_table, meta.context_lens, meta.max_context_len, D ** -0.5,
+                                     gate=gate)
+        record(f"  same, output gate applied in the merge", rel(out, ref * torch.sigmoid(gate.float())), 2e-2)
+        slots = torch.randperm(n * page, device="cuda")[:5]
+        kn, vn = torch.randn(5, Hkv, D, device="cuda").bfloat16(), torch.randn(5, Hkv, D, device="cuda").bfloat16()
+        want_k, want_v, got_k, got_v = kp.clone(), vp.clone(), kp.clone(), vp.clone()
+        attention_ops.write_kv(want_k, want_v, kn, vn, slots)
+        write_kv(got_k, got_v, kn, vn, slots)
+        record(f"  KV write (Triton) vs index_copy_, Hkv{Hkv} D{D}",
+               max(rel(got_k, want_k.float()), rel(got_v, want_v.float())), 1e-7)
 
 
 def check_gdn_decode():
@@ -232,6 +256,12 @@ def check_gdn_decode():
         got = gated_delta_decode(q, k, v, a, b, A_log, dt_bias, got_pool, slots, fresh)
         record(f"fused GDN decode step B={S}: output (bf16 in)", rel(got, want), 2e-2)
         record(f"fused GDN decode step B={S}: state pool in place", rel(got_pool, want_pool), 1e-3)
+        # a, b as the model hands them over: [S, Hk, r] views of in_proj_ba's grouped rows [b_g | a_g]
+        ba = torch.cat([b.view(S, Hk, -1), a.view(S, Hk, -1)], dim=-1)
+        b3, a3 = ba.split(Hv // Hk, dim=-1)
+        got_pool = pool.clone()
+        got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, got_pool, slots, fresh)
+        record(f"fused GDN decode step B={S}: a, b read as grouped views", rel(got, want), 2e-2)
 
         def unfused():
             beta, g = gated_delta.gates(b, a, A_log, dt_bias)
@@ -424,6 +454,30 @@ def check_gemv():
         floor = N * K * 2 / bw * 1e6
         print(f"{name:16s} {N:6d} {K:6d} {t_tri:9.2f} {t_cub:9.2f} {floor:8.2f} {t_cub / t_tri:13.2f}", flush=True)
         ROWS[-1].update(triton_us=t_tri, cublas_us=t_cub, floor_us=floor)
+    # projections of the same row side by side in one launch (ops/triton_gemv.gemv_multi) against one launch each
+    from qwen3next.ops.triton_gemv import gemv_multi
+    groups = {"next qkvz+ba": ((12288, 2048), (64, 2048)), "next q+k+v": ((8192, 2048), (512, 2048), (512, 2048)),
+              "dense q+k+v": ((8192, 5120), (1024, 5120), (1024, 5120))}
+    print(f"{'projections':16s} {'one launch us':>13} {'separate us':>11} {'floor us':>8}")
+    for name, group in groups.items():
+        copies = 4
+        sets = [[(torch.randn(N, K, device="cuda") * 0.02).bfloat16() for N, K in group] for _ in range(copies)]
+        x = torch.randn(1, group[0][1], device="cuda").bfloat16()
+        want = torch.cat([F.linear(x.float(), w.float()) for w in sets[0]], -1)
+        record(f"gemv_multi {name} bf16 vs fp32 F.linear", rel(gemv_multi(x, sets[0]), want), 1e-2)
+
+        def run(f):
+            def step():
+                for _ in range(8):
+                    for ws in sets:
+                        f(ws)
+            with torch.inference_mode():
+                return bench.time_step(step)[0] * 1e6 / (8 * copies)
+        t_one = run(lambda ws: gemv_multi(x, ws))
+        t_sep = run(lambda ws: [gemv(x, w) for w in ws])
+        floor = sum(N * K for N, K in group) * 2 / bw * 1e6
+        print(f"{name:16s} {t_one:13.2f} {t_sep:11.2f} {floor:8.2f}", flush=True)
+        ROWS[-1].update(one_launch_us=t_one, separate_us=t_sep, floor_us=floor)
 
 
 def check_end_to_end():

@@ -107,6 +107,7 @@ def top_kernels(model, T, B=1, ctx=0, ps=64, n=32):
 
 
 CASES = {"prefill": ("prefill 4K", dict(T=4096)), "prefill32k": ("prefill 32K", dict(T=32768)), "b1": ("decode b1 @4K", dict(T=1, ctx=4096)),
+         "b1_32k": ("decode b1 @32K", dict(T=1, ctx=32768)),
          "b64": ("decode b64 @4K", dict(T=1, B=64, ctx=4096))}
 
 

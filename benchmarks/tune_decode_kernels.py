@@ -6,12 +6,15 @@ one-row projection GEMMs at 0.4-2.5 TB/s against a ~2.9 TB/s copy rate. This scr
   moe up / down   ops/triton_moe kernels, T tokens, 10 routed + 1 shared expert, 512 experts
   route           the softmax/top-k kernel's warp count, at 1 and 4096 tokens
   gemv            a one-row Triton matrix-vector product against F.linear (cuBLAS) on each projection shape
+  attention       the paged decode attention (split + merge) at 4K and 32K cached tokens, batch 1 and 16: keys per
+                  inner step, warps, pipeline stages, programs per step; 80B-A3B (16 q / 2 kv heads, head_dim 256)
+                  and Qwen3-32B (64 / 8, 128) shapes, against the time to read the keys and values once
 
 Each timing replays a CUDA graph of R launches that read different weights (rotating expert ids or weight copies),
 so the L2 cache (50 MB) does not serve them; time per launch = graph time / R. Prints the best configurations and
 their bandwidth as a fraction of a measured copy, and writes JSON.
 
-    python benchmarks/tune_decode_kernels.py [--out tune.json] [--only moe,route,gemv]
+    python benchmarks/tune_decode_kernels.py [--out tune.json] [--only moe,route,gemv,attention]
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qwen3next.ops import triton_moe  # noqa: E402
+from qwen3next.ops import triton_attention, triton_moe  # noqa: E402
 
 R = 32  # launches per graph
 
@@ -179,10 +182,54 @@ def sweep_gemv(rows: list, bw: float):
               f"{best['BLOCK_K']} w{best['num_warps']} err {best['rel_err']:.1e}", flush=True)
 
 
+def sweep_attention(rows: list, bw: float):
+    page, dt = 64, torch.bfloat16
+    old = {"block_n": 64, "num_warps": 4, "num_stages": 3, "programs": 264}     # the kernel before this sweep
+    grid = [dict(block_n=bn, num_warps=nw, num_stages=ns, programs=pr) for bn, nw, ns, pr in
+            itertools.product((16, 32, 64), (4, 8), (1, 2, 3), (264, 528, 1056))]
+    for name, Hq, Hkv, D in (("80b-a3b", 16, 2, 256), ("32b", 64, 8, 128)):
+        for S, ctx in ((1, 4096), (1, 32768), (16, 4096)):
+            per_seq = ctx // page + 1
+            n_pools = max(2, min(R, int(3e9 // (2 * S * per_seq * page * Hkv * D * 2))))   # past the L2 cache
+            pools = [(torch.randn(S * per_seq, page, Hkv, D, device="cuda", dtype=dt),
+                      torch.randn(S * per_seq, page, Hkv, D, device="cuda", dtype=dt)) for _ in range(n_pools)]
+            table = torch.arange(S * per_seq, device="cuda").view(S, per_seq)
+            lens = torch.full((S,), ctx, device="cuda")
+            q = torch.randn(S, Hq, D, device="cuda", dtype=dt)
+            gate = torch.randn(S, Hq, D, device="cuda", dtype=dt)
+            floor_us = S * ctx * Hkv * D * 2 * 2 / bw / 1e3
+            ref = triton_attention.paged_decode_attention(q, *pools[0], table, lens, ctx, D ** -0.5, config=old)
+            best = None
+            for cfg in [old] + grid:
+                out = triton_attention.paged_decode_attention(q, *pools[0], table, lens, ctx, D ** -0.5, config=cfg)
+                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                launches = [lambda p=p, cfg=cfg: triton_attention.paged_decode_attention(
+                    q, *p, table, lens, ctx, D ** -0.5, gate=gate, config=cfg) for p in pools]
+                t = graph_time_us(launches * max(1, R // n_pools))
+                row = {"kernel": "attention", "model": name, "S": S, "ctx": ctx, **cfg, "us": t,
+                       "floor_us": floor_us, "over_floor": t / floor_us, "rel_err_vs_old": err,
+                       "old_config": cfg is old}
+                rows.append(row)
+                if best is None or t < best["us"]:
+                    best = row
+                if cfg is old:
+                    print(f"attention {name} S={S} ctx={ctx}: old config {t:.1f} us ({t / floor_us:.2f}x floor "
+                          f"{floor_us:.1f} us)", flush=True)
+            print(f"attention {name} S={S} ctx={ctx}: best {best['us']:.1f} us ({best['over_floor']:.2f}x floor) "
+                  f"block_n={best['block_n']} warps={best['num_warps']} stages={best['num_stages']} "
+                  f"programs={best['programs']} (err vs old {best['rel_err_vs_old']:.1e})", flush=True)
+            default = [r for r in rows[-len(grid) - 1:] if all(r[k] == v for k, v in
+                                                                 triton_attention.DECODE_CONFIG.items())]
+            if default:
+                print(f"   current default {default[0]['us']:.1f} us ({default[0]['over_floor']:.2f}x floor)")
+            del pools
+            torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="tune_decode.json")
-    ap.add_argument("--only", default="moe,route,gemv")
+    ap.add_argument("--only", default="moe,route,gemv,attention")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_decode_kernels.py needs a CUDA GPU")
@@ -196,6 +243,8 @@ def main():
         sweep_gemv(rows, bw)
     if "moe" in only:
         sweep_moe(rows, bw)
+    if "attention" in only:
+        sweep_attention(rows, bw)
     with open(a.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": bw, "rows": rows}, f, indent=1)
 

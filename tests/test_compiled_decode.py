@@ -28,16 +28,28 @@ def _fused_moe(*args):
     return moe_decode(*args).sum(1).to(args[0].dtype)
 
 
-@pytest.fixture(params=["torch ops", "custom ops (fused MoE, routing, in-place GDN and conv steps, gemv)"])
+def _paged_attention_op(q, k_pages, v_pages, meta, scale):
+    """Decode steps through the paged decode attention custom op (its CPU kernel is the torch reference)."""
+    from qwen3next.ops.attention import paged_attention
+    from qwen3next.ops.custom_ops import paged_decode_attention
+    if not meta.is_decode:
+        return paged_attention(q, k_pages, v_pages, meta, scale)
+    return paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens, meta.max_context_len,
+                                  scale)
+
+
+@pytest.fixture(params=["torch ops", "custom ops (fused MoE, routing, in-place GDN and conv steps, gemv, "
+                                     "paged attention, in-place KV write, projections side by side)"])
 def compiled_on_cpu(request):
     kernels.use(experts_forward=_dense_experts)
     if request.param != "torch ops":
-        from qwen3next.ops.custom_ops import conv_step, gdn_decode, gemv, route
-        kernels.use(moe_decode=_fused_moe, route=route,
+        from qwen3next.ops.custom_ops import conv_step, gdn_decode, gemv, gemv_multi, route, write_kv
+        kernels.use(moe_decode=_fused_moe, route=route, write_kv=write_kv, paged_attention=_paged_attention_op,
                     gated_delta_decode=lambda *a: gdn_decode(*a, None),   # mutates the state pool in place
                     causal_conv1d_step=conv_step,                        # so does this
                     # on GPU only one-row inputs take it; its CPU kernel (F.linear) takes any, so every step traces it
-                    linear=lambda x, w, b: gemv(x, w) if b is None else F.linear(x, w, b))
+                    linear=lambda x, w, b: gemv(x, w) if b is None else F.linear(x, w, b),
+                    linear_multi=lambda x, ws: list(gemv_multi(x, ws).split([w.shape[0] for w in ws], -1)))
     yield
     fused.DECODE.update(enabled="auto", backend="inductor", fullgraph=False, verify=False, max_tokens=8)
     kernels.reset()

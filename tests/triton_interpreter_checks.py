@@ -28,9 +28,9 @@ from qwen3next.ops import norm as norm_ops  # noqa: E402
 from qwen3next.ops import cuda as cuda_ops  # noqa: E402
 from qwen3next.ops import triton_grouped, triton_norm  # noqa: E402
 from qwen3next.ops.triton_gdn import gated_delta_decode, split_and_gate  # noqa: E402
-from qwen3next.ops.triton_attention import paged_decode_attention  # noqa: E402
+from qwen3next.ops.triton_attention import paged_decode_attention, write_kv  # noqa: E402
 from qwen3next.ops.triton_moe import moe_decode, route  # noqa: E402
-from qwen3next.ops.triton_gemv import gemv  # noqa: E402
+from qwen3next.ops.triton_gemv import gemv, gemv_multi  # noqa: E402
 
 failures = []
 
@@ -86,24 +86,38 @@ check("gated_delta_decode output", got, want, 1e-5)
 check("gated_delta_decode state pool (in place)", got_pool, want_pool, 1e-5)
 
 # paged decode attention: ragged contexts (1 token, a page boundary, several pages), GQA, with the batch's key
-# length as the bound and with a much larger bound (a CUDA graph captured for the longest context)
+# length as the bound and with a much larger bound (a CUDA graph captured for the longest context); blocks of a
+# whole page and of half a page; the output gate applied in the merge
 Hq, Hkv, D, page = 4, 2, 32, 16
 ctx, pages = [1, 17, 40], [[0], [1, 2], [3, 4, 5]]
 k_pages, v_pages = torch.randn(8, page, Hkv, D), torch.randn(8, page, Hkv, D)
-q = torch.randn(len(ctx), Hq, D)
-for bound in (None, 200):
+q, gate = torch.randn(len(ctx), Hq, D), torch.randn(len(ctx), Hq, 2 * D)[..., D:]   # the gate: a strided view
+for bound, block_n in ((None, 16), (200, 8)):
     meta = BatchMeta.build([1] * 3, [c - 1 for c in ctx], [0, 1, 2], pages, page, pad_context_to=bound)
     want = attention.paged_attention(q, k_pages, v_pages, meta, D ** -0.5)
     got = paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens, meta.max_context_len,
-                                 D ** -0.5, target_programs=8)
-    check(f"paged_decode_attention bound={meta.max_context_len}", got, want, 1e-5)
+                                 D ** -0.5, config=dict(programs=8, block_n=block_n))
+    check(f"paged_decode_attention bound={meta.max_context_len} block_n={block_n}", got, want, 1e-5)
+got = paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens, meta.max_context_len,
+                             D ** -0.5, gate=gate, config=dict(programs=8))
+check("paged_decode_attention with output gate", got, want * torch.sigmoid(gate), 1e-5)
 # one long sequence split 38 ways: the merge reads the splits in several chunks
 pages1 = list(range(40))
 kp, vp = torch.randn(40, page, Hkv, D), torch.randn(40, page, Hkv, D)
 meta = BatchMeta.build([1], [600], [0], [pages1], page)
 got = paged_decode_attention(q[:1], kp, vp, meta.page_table, meta.context_lens, meta.max_context_len, D ** -0.5,
-                             target_programs=264)
+                             config=dict(programs=76, block_n=16))
 check("paged_decode_attention 38 splits", got, attention.paged_attention(q[:1], kp, vp, meta, D ** -0.5), 1e-5)
+
+# KV write: three new tokens at scattered rows of the pages, in place
+slots = torch.tensor([5, 70, 33])
+kn, vn = torch.randn(3, Hkv, D), torch.randn(3, Hkv, D)
+want_k, want_v = k_pages.clone(), v_pages.clone()
+attention.write_kv(want_k, want_v, kn, vn, slots)
+got_k, got_v = k_pages.clone(), v_pages.clone()
+write_kv(got_k, got_v, kn, vn, slots)
+check("write_kv keys", got_k, want_k, 1e-7)
+check("write_kv values", got_v, want_v, 1e-7)
 
 # RMS norms: zero-centred, plain, gated; a row width that is not a power of two, a strided (non-contiguous) input
 x, z = torch.randn(7, 3, 48), torch.randn(7, 3, 48)
@@ -156,10 +170,38 @@ for K, dtype in ((4, torch.float32), (3, torch.float32), (4, torch.bfloat16)):
     check(f"causal_conv1d_step K={K} {dtype} y", got.float(), want.float(), 1e-2 if dtype == torch.bfloat16 else 1e-5)
     check(f"causal_conv1d_step K={K} {dtype} pool", pool.float(), want_pool.float(), 1e-6)
 
+# the GDN decode step as the model runs it: the conv reads q, k, v out of whole in_proj_qkvz rows (grouped per key
+# head), and the delta rule reads a, b as [S, Hk, r] views of in_proj_ba's rows
+hk, dk, r, dv, S, K = 2, 8, 3, 4, 3, 4
+qkvz, ba = torch.randn(S, hk * (2 * dk + 2 * r * dv)), torch.randn(S, hk * 2 * r)
+C = hk * (2 * dk + r * dv)
+w, pool = torch.randn(C, K), torch.randn(5, C, K - 1)
+slots, fresh = torch.tensor([4, 0, 2]), torch.tensor([False, True, False])
+want_pool = pool.clone()
+want = conv1d.causal_conv1d_step(gdn_projections.conv_input(qkvz, hk, dk, r * dv), w, want_pool, slots, fresh)
+got = triton_conv.causal_conv1d_step(qkvz, w, pool, slots, fresh, qkvz_layout=(hk, dk, r * dv))
+check("causal_conv1d_step reading grouped qkvz rows y", got, want, 1e-5)
+check("causal_conv1d_step reading grouped qkvz rows pool", pool, want_pool, 1e-6)
+q, k = got[:, :hk * dk].reshape(S, hk, dk), got[:, hk * dk:2 * hk * dk].reshape(S, hk, dk)
+v = got[:, 2 * hk * dk:].reshape(S, hk * r, dv)
+b3, a3 = ba.view(S, hk, 2 * r).split(r, dim=-1)
+A_log, dt_bias, rec = torch.randn(hk * r), torch.randn(hk * r), torch.randn(5, hk * r, dk, dv)
+want_rec = rec.clone()
+want = gated_delta.gated_delta_decode(q, k, v, a3.reshape(S, -1), b3.reshape(S, -1), A_log, dt_bias, want_rec,
+                                      slots, fresh)
+got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, rec, slots, fresh)
+check("gated_delta_decode reading a, b as grouped views", got, want, 1e-5)
+check("gated_delta_decode reading a, b as grouped views, pool", rec, want_rec, 1e-5)
+
 # one-row linear: odd row counts, a width past one block (2048) with a ragged tail, a weight with padded rows
 for N, K in ((5, 48), (33, 3000), (7, 2048)):
     x, w = torch.randn(1, 1, K), torch.randn(N, K + 3)[:, :K]
     check(f"gemv N={N} K={K}", gemv(x, w), F.linear(x, w), 1e-5)
+# several projections of one row in one launch: odd row counts (a program straddles no boundary), one weight padded
+x = torch.randn(1, 1, 300)
+ws = [torch.randn(7, 300), torch.randn(4, 303)[:, :300], torch.randn(9, 300)]
+for n in (3, 2, 1):
+    check(f"gemv_multi {n} weights", gemv_multi(x, ws[:n]), torch.cat([F.linear(x, w) for w in ws[:n]], -1), 1e-5)
 
 if failures:
     sys.exit(f"mismatches: {failures}")

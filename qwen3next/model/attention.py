@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..ops import kernels
-from .linear import Linear
+from .linear import Linear, project
 from .cache import BatchMeta, KVPages
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -33,18 +33,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVPages | None = None,
                 meta: BatchMeta | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, -1)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)      # one launch at batch 1 on GPU
+        q = q.view(B, T, self.n_heads, -1)
         gate = None
         if self.gated:
             q, gate = q.split(self.head_dim, dim=-1)
         q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv, self.head_dim)), cos, sin)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if kv is None:
             out = kernels.causal_attention(q, k, v, self.scale)
-        else:  # packed batch (B == 1): store the new keys, then attend over each sequence's pages
+            if gate is not None:
+                out = out * torch.sigmoid(gate)
+        else:  # packed batch (B == 1): store the new keys, then attend over each sequence's pages (and gate)
             kernels.write_kv(kv.k, kv.v, k[0], v[0], meta.slot_mapping)
-            out = kernels.paged_attention(q[0], kv.k, kv.v, meta, self.scale)[None]
-        if gate is not None:
-            out = out * torch.sigmoid(gate)
+            out = kernels.paged_attention(q[0], kv.k, kv.v, meta, self.scale,
+                                          gate=None if gate is None else gate[0])[None]
         return self.o_proj(out.reshape(B, T, -1))

@@ -13,7 +13,7 @@ from ..ops import gated_delta as gdr_ops
 from ..ops import gdn_projections as proj_ops
 from ..ops import kernels
 from .cache import BatchMeta, GDNState
-from .linear import Linear
+from .linear import Linear, project
 from .norm import GatedRMSNorm
 
 
@@ -69,8 +69,7 @@ class GatedDeltaNet(nn.Module):
         if state is not None:
             keep_steps = meta.keep_step_states is not None and any(meta.keep_step_states)
             if meta.is_decode and not keep_steps:
-                mixed, z, b, a = self._project(x)
-                return self._decode_step(mixed, z, b, a, conv_w, state, meta)
+                return self._decode_step(x, conv_w, state, meta)
             fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
             conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
             if keep_steps:
@@ -101,15 +100,21 @@ class GatedDeltaNet(nn.Module):
         o = self.norm(o, z)
         return self.out_proj(o.reshape(B, T, self.value_dim))
 
-    def _decode_step(self, mixed, z, b, a, conv_w, state: GDNState, meta: BatchMeta) -> torch.Tensor:
+    def _decode_step(self, x, conv_w, state: GDNState, meta: BatchMeta) -> torch.Tensor:
         """One token for each of S sequences (packed as [1, S, ...]): the conv step, then the delta rule, each
         conv and recurrent state updated in place in its slot (on GPU one kernel each: ops/triton_conv.py,
-        ops/triton_gdn.py)."""
-        S = mixed.shape[1]
-        mixed = kernels.causal_conv1d_step(mixed[0], conv_w, state.conv, meta.slots, meta.fresh)   # [S, C]
+        ops/triton_gdn.py). Both read the projections where they are, in the checkpoint's grouped layout: no
+        unpacking copies between the projections and the kernels."""
+        S = x.shape[1]
+        qkvz, ba = project(x, self.in_proj_qkvz, self.in_proj_ba)      # one launch at batch 1 on GPU
+        qkvz = qkvz.reshape(S, -1)
+        mixed = kernels.causal_conv1d_step(qkvz, conv_w, state.conv, meta.slots, meta.fresh,
+                                           qkvz_layout=(self.hk, self.dk, self.r * self.dv))    # [S, C]
         q, k, v = self._heads(mixed[None])            # views of the conv output
-        o = kernels.gated_delta_decode(q[0], k[0], v[0], a[0], b[0], self.A_log, self.dt_bias,
+        b, a = ba.reshape(S, self.hk, 2 * self.r).split(self.r, dim=-1)                       # [S, Hk, r] views
+        o = kernels.gated_delta_decode(q[0], k[0], v[0], a, b, self.A_log, self.dt_bias,
                                        state.recurrent, meta.slots, meta.fresh)           # [S, Hv, dv]
+        z = qkvz.view(S, self.hk, -1)[..., 2 * self.dk + self.r * self.dv:].reshape(1, S, self.hv, self.dv)
         o = self.norm(o[None], z)
         return self.out_proj(o.reshape(1, S, self.value_dim))
 

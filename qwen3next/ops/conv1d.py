@@ -45,11 +45,16 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
-                       fresh: torch.Tensor, activation: bool = True) -> torch.Tensor:
+                       fresh: torch.Tensor, activation: bool = True, qkvz_layout=None) -> torch.Tensor:
     """A decode step: one token per sequence, each sequence's conv state updated IN PLACE in its slot of the pool.
 
     x [S, C], weight [C, K], state [num_slots, C, K-1], slots [S], fresh [S] bool (start from a zero state).
-    Returns y [S, C] in x's dtype. The GPU version is ops/triton_conv.causal_conv1d_step."""
+    Returns y [S, C] in x's dtype. The GPU version is ops/triton_conv.causal_conv1d_step.
+    `qkvz_layout` (hk, dk, r dv): x is Gated DeltaNet's whole in_proj_qkvz row in the checkpoint's grouped layout
+    (ops/gdn_projections.py), and the conv reads its q, k, v columns from it (the GPU kernel without a copy)."""
+    if qkvz_layout is not None:
+        from .gdn_projections import conv_input
+        x = conv_input(x, *qkvz_layout)
     h0 = state[slots].masked_fill(fresh[:, None, None], 0)
     y, final = causal_conv1d(x[:, None], weight, h0, activation=activation)
     state[slots] = final.to(state.dtype)

@@ -1,12 +1,12 @@
 """The GPU kernels that torch.compile must treat as opaque calls, registered as torch custom ops.
 
 A compiled decode layer (ops/fused.decode_compiled) fuses the small torch ops around these calls; the kernels
-themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention, decode MoE,
-routing and GDN decode step) are launched as they are. Each op has a "fake" implementation that only states the
-output shapes, which is all the compiler needs. The decode MoE, routing, conv and GDN steps and the one-row
-linear also have a CPU kernel, the torch reference, so that CPU tests can trace and run them inside a compiled
-decode layer. The implementations
-import their GPU libraries lazily, so registering the ops costs nothing on CPU.
+themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention and KV write,
+decode MoE, routing and GDN decode step) are launched as they are. Each op has a "fake" implementation that only
+states the output shapes, which is all the compiler needs. The decode MoE, routing, conv and GDN steps, the
+one-row linear, the paged decode attention and the KV write also have a CPU kernel, the torch reference, so that
+CPU tests can trace and run them inside a compiled decode layer. The implementations import their GPU libraries
+lazily, so registering the ops costs nothing on CPU.
 """
 from __future__ import annotations
 
@@ -36,15 +36,43 @@ def _(q, k, v, g, beta, initial_state, scale, use_qk_l2norm):
 @torch.library.custom_op("qwen3next::paged_decode_attention", mutates_args=())
 def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                            page_table: torch.Tensor, context_lens: torch.Tensor, max_context_len: int,
-                           scale: float) -> torch.Tensor:
-    """ops/triton_attention.paged_decode_attention: q [S, Hq, D] -> [S, Hq, D]."""
+                           scale: float, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """ops/triton_attention.paged_decode_attention: q [S, Hq, D] -> [S, Hq, D] (times sigmoid(gate))."""
     from .triton_attention import paged_decode_attention as kernel
-    return kernel(q, k_pages, v_pages, page_table, context_lens, max_context_len, scale)
+    return kernel(q, k_pages, v_pages, page_table, context_lens, max_context_len, scale, gate)
+
+
+@paged_decode_attention.register_kernel("cpu")
+def _(q, k_pages, v_pages, page_table, context_lens, max_context_len, scale, gate=None):
+    """The torch reference, each row of q being one sequence's newest token (as the GPU kernel reads it)."""
+    from types import SimpleNamespace
+    from .attention import paged_attention as reference
+    S = q.shape[0]
+    rows = torch.arange(S)
+    meta = SimpleNamespace(is_decode=True, is_verify=False, page_table=page_table, context_lens=context_lens,
+                           max_q_len=1, max_context_len=max_context_len, token_seq=rows,
+                           token_index=torch.zeros_like(rows), positions=context_lens - 1)
+    out = reference(q, k_pages, v_pages, meta, scale)
+    return out if gate is None else out * torch.sigmoid(gate)
 
 
 @paged_decode_attention.register_fake
-def _(q, k_pages, v_pages, page_table, context_lens, max_context_len, scale):
+def _(q, k_pages, v_pages, page_table, context_lens, max_context_len, scale, gate=None):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("qwen3next::write_kv", mutates_args=("k_pages", "v_pages"))
+def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """ops/triton_attention.write_kv: new keys and values stored at their page rows, in place."""
+    from .triton_attention import write_kv as kernel
+    kernel(k_pages, v_pages, k, v, slot_mapping)
+
+
+@write_kv.register_kernel("cpu")
+def _(k_pages, v_pages, k, v, slot_mapping):
+    from .attention import write_kv as reference
+    reference(k_pages, v_pages, k, v, slot_mapping)
 
 
 @torch.library.custom_op("qwen3next::moe_decode", mutates_args=())
@@ -125,20 +153,37 @@ def _(x, weight):
     return x.new_empty(x.shape[:-1] + (weight.shape[0],))
 
 
+@torch.library.custom_op("qwen3next::gemv_multi", mutates_args=())
+def gemv_multi(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """ops/triton_gemv.gemv_multi: one row x [..., K] times 1-3 weights [N_i, K]ᵀ -> [..., sum N_i]."""
+    from .triton_gemv import gemv_multi as kernel
+    return kernel(x, weights)
+
+
+@gemv_multi.register_kernel("cpu")
+def _(x, weights):
+    return torch.cat([torch.nn.functional.linear(x, w) for w in weights], dim=-1)
+
+
+@gemv_multi.register_fake
+def _(x, weights):
+    return x.new_empty(x.shape[:-1] + (sum(w.shape[0] for w in weights),))
+
+
 @torch.library.custom_op("qwen3next::conv_step", mutates_args=("state",))
 def conv_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
-              fresh: torch.Tensor) -> torch.Tensor:
+              fresh: torch.Tensor, activation: bool = True, qkvz_layout: list[int] | None = None) -> torch.Tensor:
     """ops/triton_conv.causal_conv1d_step: a decode step of the short conv, the state pool updated in place."""
     from .triton_conv import causal_conv1d_step as kernel
-    return kernel(x, weight, state, slots, fresh)
+    return kernel(x, weight, state, slots, fresh, activation, qkvz_layout)
 
 
 @conv_step.register_kernel("cpu")
-def _(x, weight, state, slots, fresh):
+def _(x, weight, state, slots, fresh, activation=True, qkvz_layout=None):
     from .conv1d import causal_conv1d_step as reference
-    return reference(x, weight, state, slots, fresh)
+    return reference(x, weight, state, slots, fresh, activation, qkvz_layout)
 
 
 @conv_step.register_fake
-def _(x, weight, state, slots, fresh):
-    return torch.empty_like(x)
+def _(x, weight, state, slots, fresh, activation=True, qkvz_layout=None):
+    return x.new_empty(x.shape[0], weight.shape[0])

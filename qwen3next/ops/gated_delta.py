@@ -141,11 +141,11 @@ def gates(b: torch.Tensor, a: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.
 def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None, rule=None):
     """One decode token per sequence, the recurrent state updated IN PLACE in its slot of the state pool.
 
-    q, k [S, Hk, dk] and v [S, Hv, dv] (after the conv; l2-normalised here), a, b [S, Hv] (the raw gate
-    projections), state [num_slots, Hv, dk, dv] fp32, slots [S], fresh [S] bool (start from a zero state).
-    Returns o [S, Hv, dv] in v's dtype. The GPU version (ops/triton_gdn.py) reads and writes each state once.
-    `rule`: the recurrent delta rule to run between the gather and the scatter (default: this file's)."""
-    beta, g = gates(b, a, A_log, dt_bias)
+    q, k [S, Hk, dk] and v [S, Hv, dv] (after the conv; l2-normalised here), a, b [S, Hv] or [S, Hk, Hv / Hk]
+    (the raw gate projections), state [num_slots, Hv, dk, dv] fp32, slots [S], fresh [S] bool (start from a zero
+    state). Returns o [S, Hv, dv] in v's dtype. The GPU version (ops/triton_gdn.py) reads and writes each state
+    once. `rule`: the recurrent delta rule to run between the gather and the scatter (default: this file's)."""
+    beta, g = gates(b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1), A_log, dt_bias)
     h0 = state[slots].masked_fill(fresh[:, None, None, None], 0)
     rule = rule or recurrent_gated_delta_rule
     o, h1 = rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale=scale, initial_state=h0,

@@ -16,10 +16,16 @@ def split_projections(qkvz: torch.Tensor, ba: torch.Tensor, hk: int, dk: int, r:
     """qkvz [N, Hk (2 dk + 2 r dv)], ba [N, 2 Hv] -> the conv input [N, 2 Hk dk + Hv dv], z [N, Hv, dv] and the
     raw gate projections b, a [N, Hv]."""
     N = qkvz.shape[0]
-    q, k, v, z = qkvz.view(N, hk, -1).split([dk, dk, r * dv, r * dv], dim=-1)
+    z = qkvz.view(N, hk, -1)[..., 2 * dk + r * dv:]
     b, a = ba.view(N, hk, 2 * r).split(r, dim=-1)
-    mixed = torch.cat([q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1)], dim=-1)
-    return mixed, z.reshape(N, hk * r, dv), b.reshape(N, -1), a.reshape(N, -1)
+    return conv_input(qkvz, hk, dk, r * dv), z.reshape(N, hk * r, dv), b.reshape(N, -1), a.reshape(N, -1)
+
+
+def conv_input(qkvz: torch.Tensor, hk: int, dk: int, rdv: int) -> torch.Tensor:
+    """qkvz [N, Hk (2 dk + 2 rdv)] -> the conv input [N, 2 Hk dk + Hk rdv] = [all q | all k | all v]."""
+    N = qkvz.shape[0]
+    q, k, v, _ = qkvz.view(N, hk, -1).split([dk, dk, rdv, rdv], dim=-1)
+    return torch.cat([q.reshape(N, -1), k.reshape(N, -1), v.reshape(N, -1)], dim=-1)
 
 
 def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):

@@ -29,7 +29,8 @@ _TORCH_ONLY = os.environ.get("QWEN3NEXT_KERNELS", "auto") == "torch"   # read on
 # in CUDA graphs (benchmarks/check_gpu.py --only gdn_decode,moe_decode, 2026-11-23): the GDN step 1.46x / 6.9x /
 # 5.2x faster than gather + fla's recurrent kernel + scatter at 1 / 16 / 64 sequences (1.04x its bandwidth floor
 # at 16), the routing 1.8x (1 token) to 3.6x (4096 tokens) faster than torch's softmax + topk. Also the conv of a
-# GDN decode step (ops/triton_conv.causal_conv1d_step) and one-row projections (ops/triton_gemv.py).
+# GDN decode step (ops/triton_conv.causal_conv1d_step), one-row projections (ops/triton_gemv.py) and the KV write
+# of decode steps (ops/triton_attention.write_kv).
 # QWEN3NEXT_FUSED_STEP_KERNELS=0 falls back to the unfused paths.
 FUSED_STEP_KERNELS = os.environ.get("QWEN3NEXT_FUSED_STEP_KERNELS", "1") != "0"
 
@@ -149,13 +150,16 @@ def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=Non
     return _conv.causal_conv1d(x, weight, initial_state, **kw)
 
 
-def causal_conv1d_step(x, weight, state, slots, fresh):
-    """A decode step of the short conv (x [S, C] -> [S, C], SiLU), each conv state updated in place in the pool."""
+def causal_conv1d_step(x, weight, state, slots, fresh, qkvz_layout=None):
+    """A decode step of the short conv (x [S, C] -> [S, C], SiLU), each conv state updated in place in the pool.
+    With `qkvz_layout` (hk, dk, r dv), x is GDN's whole in_proj_qkvz row and the conv reads its q, k, v columns."""
     if "causal_conv1d_step" in _overrides:
-        return _overrides["causal_conv1d_step"](x, weight, state, slots, fresh)
+        return _overrides["causal_conv1d_step"](x, weight, state, slots, fresh, qkvz_layout=qkvz_layout)
     if _step_kernel_applies(x, weight) and x.dtype != torch.float64:
-        return _gpu_kernel("conv_step", "triton_conv", "causal_conv1d_step")(x, weight, state, slots, fresh)
-    return _conv.causal_conv1d_step(x, weight, state, slots, fresh)
+        layout = None if qkvz_layout is None else list(qkvz_layout)
+        return _gpu_kernel("conv_step", "triton_conv", "causal_conv1d_step")(x, weight, state, slots, fresh, True,
+                                                                              layout)
+    return _conv.causal_conv1d_step(x, weight, state, slots, fresh, qkvz_layout=qkvz_layout)
 
 
 def causal_attention(q, k, v, scale):
@@ -164,21 +168,36 @@ def causal_attention(q, k, v, scale):
     return _attn.causal_attention(q, k, v, scale)   # SDPA: FlashAttention kernels on GPU
 
 
-def paged_attention(q, k_pages, v_pages, meta, scale):
+def paged_attention(q, k_pages, v_pages, meta, scale, gate=None):
+    """Attention over the paged cache; with `gate` ([N, Hq, D]) the output is multiplied by sigmoid(gate) (the
+    attention output gate), which the GPU decode kernel applies in its merge pass."""
     if "paged_attention" in _overrides:
-        return _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
-    if _gpu(q) and (meta.is_decode or meta.is_verify) and _cuda.has_triton():
+        out = _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
+    elif _gpu(q) and (meta.is_decode or meta.is_verify) and _cuda.has_triton():
         paged_decode_attention = _gpu_kernel("paged_decode_attention", "triton_attention", "paged_decode_attention")
         if meta.is_decode:
             return paged_decode_attention(q, k_pages, v_pages, meta.page_table, meta.context_lens,
-                                          meta.max_context_len, scale)
+                                          meta.max_context_len, scale, gate)
         # verification: every query token is its own "sequence" over its sequence's pages, seeing keys <= itself
         return paged_decode_attention(q, k_pages, v_pages, meta.page_table[meta.token_seq], meta.positions + 1,
-                                      meta.max_context_len, scale)
-    return _attn.paged_attention(q, k_pages, v_pages, meta, scale)
+                                      meta.max_context_len, scale, gate)
+    else:
+        out = _attn.paged_attention(q, k_pages, v_pages, meta, scale)
+    return out if gate is None else out * torch.sigmoid(gate)
+
+
+# new keys and values of up to this many tokens (decode and verification steps) are written by one Triton kernel;
+# prefill chunks keep index_copy_ (not measured against it)
+WRITE_KV_MAX_TOKENS = 256
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping):
+    """Store new keys / values [N, Hkv, D] at their flat page rows, in place. Inside the compiled decode layer the
+    torch form (index_copy_) became six kernels whose time grew with the cache (see ops/triton_attention.py)."""
+    if "write_kv" in _overrides:
+        return _overrides["write_kv"](k_pages, v_pages, k, v, slot_mapping)
+    if k.shape[0] <= WRITE_KV_MAX_TOKENS and _step_kernel_applies(k, v) and k.dtype != torch.float64:
+        return _gpu_kernel("write_kv", "triton_attention", "write_kv")(k_pages, v_pages, k, v, slot_mapping)
     return _attn.write_kv(k_pages, v_pages, k, v, slot_mapping)
 
 
@@ -200,6 +219,18 @@ def linear(x, weight, bias=None):
             and _step_kernel_applies(x, weight)):
         return _gpu_kernel("gemv", "triton_gemv", "gemv")(x, weight)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def linear_multi(x, weights):
+    """Several bias-free projections of the same input -> a list of outputs. One row on GPU runs them as one
+    Triton launch (ops/triton_gemv.gemv_multi) and returns views of its output; otherwise F.linear each."""
+    if "linear_multi" in _overrides:
+        return _overrides["linear_multi"](x, weights)
+    if (x.numel() == x.shape[-1] and all(w.dtype == x.dtype for w in weights) and x.dtype != torch.float64
+            and _step_kernel_applies(x, *weights)):
+        y = _gpu_kernel("gemv_multi", "triton_gemv", "gemv_multi")(x, list(weights))
+        return list(y.split([w.shape[0] for w in weights], dim=-1))
+    return [torch.nn.functional.linear(x, w) for w in weights]
 
 
 def _fused_elementwise_applies(x, *same_dtype) -> bool:
@@ -238,7 +269,8 @@ def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
 
 _NAMES = {"chunk_gated_delta_rule", "recurrent_gated_delta_rule", "experts_forward", "causal_conv1d",
           "causal_attention", "paged_attention", "moe_decode", "route", "gated_delta_decode",
-          "rms_norm", "gated_rms_norm", "split_and_gate", "linear", "causal_conv1d_step"}
+          "rms_norm", "gated_rms_norm", "split_and_gate", "linear", "linear_multi", "causal_conv1d_step",
+          "write_kv"}
 
 
 def use(**ops) -> None:

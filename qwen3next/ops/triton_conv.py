@@ -92,17 +92,24 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
 
 @triton.jit
 def _conv_step_kernel(X, W, STATE, SLOTS, FRESH, Y, C, stride_x, stride_y, stride_ss, K: tl.constexpr,
-                      BK: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr):
+                      BK: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
+                      HK: tl.constexpr, DK: tl.constexpr, RDV: tl.constexpr):
     s = tl.program_id(0)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
+    src = cols
+    if GROUPED:   # X holds whole in_proj_qkvz rows, grouped per key head: [q_g | k_g | v_g | z_g] for each g
+        part = tl.where(cols < HK * DK, 0, tl.where(cols < 2 * HK * DK, 1, 2))
+        off = cols - part * HK * DK
+        width = tl.where(part == 2, RDV, DK)
+        src = (off // width) * (2 * DK + 2 * RDV) + tl.where(part == 2, 2 * DK, part * DK) + off % width
     j = tl.arange(0, BK)                                       # state column: the input j - (K - 1) steps back
     slot = tl.load(SLOTS + s).to(tl.int64)
     carry = tl.load(FRESH + s).to(tl.int32) == 0               # a fresh sequence starts from a zero state
     base = STATE + slot * stride_ss + cols[:, None] * (K - 1)
     old = tl.load(base + j[None, :], mask=c_ok[:, None] & (j < K - 1)[None, :] & carry, other=0.0)
     nxt = tl.load(base + j[None, :] + 1, mask=c_ok[:, None] & (j + 1 < K - 1)[None, :] & carry, other=0.0)
-    x = tl.load(X + s * stride_x + cols, mask=c_ok, other=0.0).to(W.dtype.element_ty)   # the reference rounds
+    x = tl.load(X + s * stride_x + src, mask=c_ok, other=0.0).to(W.dtype.element_ty)    # the reference rounds
     w_old = tl.load(W + cols[:, None] * K + j[None, :], mask=c_ok[:, None] & (j < K - 1)[None, :], other=0.0)
     w_new = tl.load(W + cols * K + (K - 1), mask=c_ok, other=0.0)
     acc = tl.sum(old.to(W.dtype.element_ty).to(tl.float32) * w_old.to(tl.float32), 1)
@@ -116,19 +123,25 @@ def _conv_step_kernel(X, W, STATE, SLOTS, FRESH, Y, C, stride_x, stride_y, strid
 
 
 def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
-                       fresh: torch.Tensor, activation: bool = True) -> torch.Tensor:
-    """Same contract as ops/conv1d.causal_conv1d_step: x [S, C], weight [C, K], state pool [N, C, K-1] (updated
-    in place), slots [S], fresh [S] bool -> y [S, C] in x's dtype."""
-    S, C = x.shape
-    K = weight.shape[-1]
+                       fresh: torch.Tensor, activation: bool = True, qkvz_layout=None) -> torch.Tensor:
+    """Same contract as ops/conv1d.causal_conv1d_step: x [S, C] (or whole in_proj_qkvz rows with `qkvz_layout`
+    (hk, dk, r dv), read in place), weight [C, K], state pool [N, C, K-1] (updated in place), slots [S], fresh [S]
+    bool -> y [S, C] in x's dtype."""
+    S = x.shape[0]
+    C, K = weight.shape
     if not state.is_contiguous() or not weight.is_contiguous():
         raise ValueError("the conv state pool and the conv weight must be contiguous")
     if K < 2:
         raise ValueError(f"conv kernel width must be at least 2, got {K}")
+    hk, dk, rdv = qkvz_layout if qkvz_layout is not None else (1, 1, 1)
+    if qkvz_layout is not None and (x.shape[1] != hk * (2 * dk + 2 * rdv) or C != hk * (2 * dk + rdv)):
+        raise ValueError(f"qkvz rows of width {x.shape[1]} and {C} conv channels do not fit the layout "
+                         f"(hk, dk, r dv) = {tuple(qkvz_layout)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(S, C, device=x.device, dtype=x.dtype)
     BC = 256
     _conv_step_kernel[(S, triton.cdiv(C, BC))](x, weight, state, slots, fresh, y, C, x.stride(0), y.stride(0),
                                                state.stride(0), K=K, BK=triton.next_power_of_2(K - 1), BC=BC,
-                                               ACT=activation, num_warps=4)
+                                               ACT=activation, GROUPED=qkvz_layout is not None, HK=hk, DK=dk,
+                                               RDV=rdv, num_warps=4)
     return y

@@ -30,8 +30,8 @@ import triton.language as tl
 
 @triton.jit
 def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, scale,
-                       stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_as,
-                       stride_ss, stride_sh, stride_os, stride_oh,
+                       stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_as, stride_ag,
+                       stride_bs, stride_bg, stride_ss, stride_sh, stride_os, stride_oh,
                        R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
@@ -46,10 +46,11 @@ def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, sc
     v = tl.load(V + s * stride_vs + h * stride_vh + vv, mask=v_ok, other=0.0).to(tl.float32)
     q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
     k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
-    a = tl.load(A + s * stride_as + h).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+    # a, b: [S, Hk, R] views (e.g. of in_proj_ba's grouped rows, read in place)
+    a = tl.load(A + s * stride_as + hk * stride_ag + h % R).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
     softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))        # torch's softplus (threshold 20)
     g = -tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus
-    beta = tl.sigmoid(tl.load(B + s * stride_as + h).to(tl.float32))
+    beta = tl.sigmoid(tl.load(B + s * stride_bs + hk * stride_bg + h % R).to(tl.float32))
     slot = tl.load(SLOTS + s).to(tl.int64)
     carry = tl.load(FRESH + s).to(tl.int32) == 0   # a fresh sequence starts from a zero state (FRESH: bool)
     ptr = STATE + slot * stride_ss + h * stride_sh + kk[:, None] * DV + vv[None, :]
@@ -64,22 +65,25 @@ def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, sc
 
 
 def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None):
-    """Same contract as ops/gated_delta.gated_delta_decode (state updated in place)."""
+    """Same contract as ops/gated_delta.gated_delta_decode (state updated in place); a, b [S, Hv] or
+    [S, Hk, Hv / Hk] views with unit stride in the last dimension (read where they are)."""
     S, Hk, dk = q.shape
     Hv, dv = v.shape[1], v.shape[2]
+    R = Hv // Hk
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError("the recurrent state pool must be contiguous fp32")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k, v must be contiguous in their last dimension")
-    a, b = a.contiguous(), b.contiguous()
+    a, b = (t.reshape(S, Hk, R) if t.dim() == 2 else t for t in (a, b))
+    a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, b))
     o = torch.empty(S, Hv, dv, device=v.device, dtype=v.dtype)
     BV = min(32, triton.next_power_of_2(dv))
     _gdn_decode_kernel[(S, Hv, triton.cdiv(dv, BV))](
         q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o,        # fresh read as bool: no cast kernel
         dk ** -0.5 if scale is None else scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0),
-        state.stride(0), state.stride(1), o.stride(0), o.stride(1),
-        R=Hv // Hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, num_warps=4)
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1), state.stride(0), state.stride(1), o.stride(0), o.stride(1),
+        R=R, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, num_warps=4)
     return o
 
 
