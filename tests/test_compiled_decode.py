@@ -11,6 +11,8 @@ from hf_reference import hf_next
 from qwen3next import BatchMeta, HybridCache, load_model
 from qwen3next.ops import fused, kernels
 
+_DECODE_DEFAULTS = dict(fused.DECODE)
+
 
 def _dense_experts(x, gate_up, down, ids, weights):
     """Every expert on every token, masked: traceable without a data-dependent loop (the CPU reference loops over
@@ -51,7 +53,7 @@ def compiled_on_cpu(request):
                     linear=lambda x, w, b: gemv(x, w) if b is None else F.linear(x, w, b),
                     linear_multi=lambda x, ws: list(gemv_multi(x, ws).split([w.shape[0] for w in ws], -1)))
     yield
-    fused.DECODE.update(enabled="auto", backend="inductor", fullgraph=False, verify=False, max_tokens=8)
+    fused.DECODE.update(_DECODE_DEFAULTS)
     kernels.reset()
 
 

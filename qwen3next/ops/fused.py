@@ -26,12 +26,13 @@ log = logging.getLogger("qwen3next.ops")
 # "verify": compile speculative verification steps too. Off by default: their graph is compiled for static shapes
 # (Inductor's dynamic-shape code for it failed on an H100, torch 2.11), so every new context length would
 # recompile; it pays once the runner pads steps to fixed buckets (benchmarks turn it on to measure that case).
-DECODE = {"enabled": "auto", "backend": "inductor", "fullgraph": False, "verify": False, "max_tokens": 8}
+DECODE = {"enabled": "auto", "backend": "inductor", "fullgraph": False, "verify": False, "max_tokens": 64}
 # "max_tokens": decode steps of more tokens run the eager layers (inside the engine's CUDA graphs all the same).
-# H100, 80B-A3B layers in CUDA graphs, `qwen3next bench` of 2026-11-23: compiled 1.30 vs eager 1.51 ms at 1
-# sequence, but 4.13 vs 4.00 ms at 16 and 10.70 vs 9.39 ms at 64 (dense Qwen3-32B: 7.57 vs 4.87 and 18.61 vs
-# 7.35 ms), once the eager path's norms became one Triton pass each. Between 1 and 16 sequences nothing was
-# measured; 8 is a guess. None compiles every size.
+# H100, 8 layers in CUDA graphs, `qwen3next bench` run 8 (2026-11-23), compiled vs eager ms per step: 80B-A3B
+# 0.90 / 1.05 at 1 sequence, 3.47 / 3.60 at 16, 8.71 / 8.73 at 64; dense Qwen3-32B 3.45 / 3.67, 4.41 / 4.67,
+# 6.90 / 7.17. (Until run 7 the eager layers won at 16 and 64 - dense 7.42 vs 4.73 ms at 16 - and the limit was
+# 8; the likely cause was the compiled KV write's extra kernels, whose time grew with the cache, replaced in run 8
+# by ops/triton_attention.write_kv.) Above 64 nothing was measured.
 
 
 def decode_compiled(fn, dynamic: bool | None = None, limit_tokens: bool = False):
