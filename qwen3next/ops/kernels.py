@@ -210,13 +210,18 @@ def route(router_logits, top_k, norm_topk_prob):
     return _moe.route(router_logits, top_k, norm_topk_prob)
 
 
+def _one_row_kernel_applies(x, *weights) -> bool:
+    """ops/triton_gemv may run: x is one row, in the weights' dtype (not fp64), and a decode-step kernel may run."""
+    return (x.numel() == x.shape[-1] and x.dtype != torch.float64 and all(w.dtype == x.dtype for w in weights)
+            and _step_kernel_applies(x, *weights))
+
+
 def linear(x, weight, bias=None):
     """A projection. One row on GPU (a batch-1 decode step) runs ops/triton_gemv.py: cuBLAS's tiles for one row
     reach a fraction of the memory bandwidth on the small projections; more rows run F.linear (cuBLAS)."""
     if "linear" in _overrides:
         return _overrides["linear"](x, weight, bias)
-    if (bias is None and x.numel() == x.shape[-1] and x.dtype == weight.dtype and x.dtype != torch.float64
-            and _step_kernel_applies(x, weight)):
+    if bias is None and _one_row_kernel_applies(x, weight):
         return _gpu_kernel("gemv", "triton_gemv", "gemv")(x, weight)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -226,8 +231,7 @@ def linear_multi(x, weights):
     Triton launch (ops/triton_gemv.gemv_multi) and returns views of its output; otherwise F.linear each."""
     if "linear_multi" in _overrides:
         return _overrides["linear_multi"](x, weights)
-    if (x.numel() == x.shape[-1] and all(w.dtype == x.dtype for w in weights) and x.dtype != torch.float64
-            and _step_kernel_applies(x, *weights)):
+    if _one_row_kernel_applies(x, *weights):
         y = _gpu_kernel("gemv_multi", "triton_gemv", "gemv_multi")(x, list(weights))
         return list(y.split([w.shape[0] for w in weights], dim=-1))
     return [torch.nn.functional.linear(x, w) for w in weights]
