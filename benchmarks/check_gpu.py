@@ -20,6 +20,7 @@ from qwen3next.ops import cuda as cuda_ops  # noqa: E402
 from qwen3next.ops import fused  # noqa: E402
 from qwen3next.ops import gated_delta as ref_gdr  # noqa: E402
 from qwen3next.ops import moe as ref_moe  # noqa: E402
+from qwen3next.ops import norm as norm_ops  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -262,6 +263,15 @@ def check_gdn_decode():
         got_pool = pool.clone()
         got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, got_pool, slots, fresh)
         record(f"fused GDN decode step B={S}: a, b read as grouped views", rel(got, want), 2e-2)
+        # with the gated RMSNorm in the kernel, z a grouped view [S, Hk, r, dv] (as the model passes it)
+        zrows = torch.randn(S, Hk, 3, Hv // Hk, dv, device="cuda").bfloat16()
+        z = zrows[:, :, 1]
+        norm_w = (1 + 0.1 * torch.randn(dv, device="cuda")).bfloat16()
+        want_n = norm_ops.gated_rms_norm(want, z.double().reshape(S, Hv, dv), norm_w.double(), 1e-6)
+        got_pool = pool.clone()
+        got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, got_pool, slots, fresh, norm=(z, norm_w, 1e-6))
+        record(f"fused GDN decode step B={S}: with the gated norm", rel(got, want_n), 2e-2)
+        record(f"fused GDN decode step B={S}: with the gated norm, state pool", rel(got_pool, want_pool), 1e-3)
 
         def unfused():
             beta, g = gated_delta.gates(b, a, A_log, dt_bias)
@@ -273,6 +283,15 @@ def check_gdn_decode():
         with torch.inference_mode():
             t_fused, _ = bench.time_step(lambda: gated_delta_decode(q, k, v, a, b, A_log, dt_bias, pool, slots, fresh))
             t_unfused, _ = bench.time_step(unfused)
+            t_norm_in, _ = bench.time_step(lambda: gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, pool, slots,
+                                                                      fresh, norm=(z, norm_w, 1e-6)))
+            t_norm_after, _ = bench.time_step(lambda: norm_ops.gated_rms_norm(
+                gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, pool, slots, fresh), z.reshape(S, Hv, dv),
+                norm_w, 1e-6))
+        print(f"  B={S}: with the gated norm in the kernel {t_norm_in * 1e6:.1f} us, as torch ops after it "
+              f"{t_norm_after * 1e6:.1f} us")
+        ROWS.append({"check": f"gdn decode + gated norm timing B={S}", "in_kernel_us": t_norm_in * 1e6,
+                     "torch_after_us": t_norm_after * 1e6, "ok": True})
         floor = 2 * S * Hv * dk * dv * 4 / bw
         ROWS.append({"check": f"gdn decode timing B={S}", "fused_us": t_fused * 1e6, "unfused_us": t_unfused * 1e6,
                      "floor_us": floor * 1e6, "ok": True})

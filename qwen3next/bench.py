@@ -20,7 +20,7 @@ from .checkpoint import build_model
 from .config import FULL, ModelConfig, preset
 from .model.cache import BatchMeta, HybridCache
 from .model.init import init_weights
-from .ops import fused, kernels
+from .ops import fused, kernels, pdl
 
 
 # the device everything is built on: "cuda" for real runs; tests run the bench's logic on "cpu" with tiny configs
@@ -186,7 +186,8 @@ def time_prefill(model, T: int, page_size: int = 64) -> tuple[float, dict]:
 
 
 def capture_graph(step) -> torch.cuda.CUDAGraph:
-    """`step` captured in a CUDA graph, after one run on a side stream (which settles its allocations)."""
+    """`step` captured in a CUDA graph, after one run on a side stream (which settles its allocations). What the
+    captured call returned is kept as `graph.output` (its tensors are rewritten by every replay)."""
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -194,7 +195,7 @@ def capture_graph(step) -> torch.cuda.CUDAGraph:
         step()
     torch.cuda.current_stream().wait_stream(s)
     with torch.cuda.graph(g):
-        step()
+        g.output = step()
     return g
 
 
@@ -323,7 +324,8 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
     next_cfg, dense_cfg = configs or (preset("qwen3-next-80b-a3b"), preset("qwen3-32b"))
     res: dict = {"date": datetime.date.today().isoformat(), "device": dev, "torch": torch.__version__,
                  "kernels": {"fused_step_kernels": kernels.FUSED_STEP_KERNELS,
-                             "fused_elementwise": kernels.FUSED_ELEMENTWISE, "moe_decode_max_tokens": kernels.MOE_DECODE_MAX_TOKENS},
+                             "fused_elementwise": kernels.FUSED_ELEMENTWISE, "moe_decode_max_tokens": kernels.MOE_DECODE_MAX_TOKENS,
+                             "programmatic_dependent_launch": pdl.ENABLED},
                  "layers_measured": {"qwen3_next": layers, "qwen3_32b_dense": dense_layers},
                  "layers_full": {"qwen3_next": next_cfg.num_hidden_layers, "qwen3_32b_dense": dense_cfg.num_hidden_layers}}
     bw, flops = copy_bandwidth(), matmul_rate()

@@ -192,6 +192,17 @@ want = gated_delta.gated_delta_decode(q, k, v, a3.reshape(S, -1), b3.reshape(S, 
 got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, rec, slots, fresh)
 check("gated_delta_decode reading a, b as grouped views", got, want, 1e-5)
 check("gated_delta_decode reading a, b as grouped views, pool", rec, want_rec, 1e-5)
+# ... and with the gated RMSNorm in the kernel, its gate z read as a grouped view of the qkvz rows (3 value heads
+# per key head, dv = 4)
+z = qkvz.view(S, hk, -1)[..., 2 * dk + r * dv:].view(S, hk, r, dv)
+norm_w = torch.randn(dv)
+want_rec = rec.clone()
+want = gated_delta.gated_delta_decode(q, k, v, a3.reshape(S, -1), b3.reshape(S, -1), A_log, dt_bias, want_rec,
+                                      slots, fresh)
+want = norm_ops.gated_rms_norm(want, z.reshape(S, hk * r, dv), norm_w, 1e-6)
+got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, rec, slots, fresh, norm=(z, norm_w, 1e-6))
+check("gated_delta_decode with the gated norm", got, want, 1e-5)
+check("gated_delta_decode with the gated norm, pool", rec, want_rec, 1e-5)
 
 # one-row linear: odd row counts, a width past one block (2048) with a ragged tail, a weight with padded rows
 for N, K in ((5, 48), (33, 3000), (7, 2048)):

@@ -112,10 +112,10 @@ class GatedDeltaNet(nn.Module):
                                            qkvz_layout=(self.hk, self.dk, self.r * self.dv))    # [S, C]
         q, k, v = self._heads(mixed[None])            # views of the conv output
         b, a = ba.reshape(S, self.hk, 2 * self.r).split(self.r, dim=-1)                       # [S, Hk, r] views
-        o = kernels.gated_delta_decode(q[0], k[0], v[0], a, b, self.A_log, self.dt_bias,
-                                       state.recurrent, meta.slots, meta.fresh)           # [S, Hv, dv]
-        z = qkvz.view(S, self.hk, -1)[..., 2 * self.dk + self.r * self.dv:].reshape(1, S, self.hv, self.dv)
-        o = self.norm(o[None], z)
+        z = qkvz.view(S, self.hk, -1)[..., 2 * self.dk + self.r * self.dv:].view(S, self.hk, self.r, self.dv)
+        # the delta rule and the gated norm after it in one kernel on GPU
+        o = kernels.gated_delta_decode(q[0], k[0], v[0], a, b, self.A_log, self.dt_bias, state.recurrent,
+                                       meta.slots, meta.fresh, norm=(z, self.norm.weight, self.norm.eps))
         return self.out_proj(o.reshape(1, S, self.value_dim))
 
     def _forward_keeping_steps(self, mixed, b, a, conv_w, conv0, rec0, state: GDNState, meta: BatchMeta):

@@ -119,20 +119,25 @@ def _(router_logits, top_k, norm_topk_prob):
 @torch.library.custom_op("qwen3next::gdn_decode", mutates_args=("state",))
 def gdn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
-               fresh: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """ops/triton_gdn.gated_delta_decode: one token per sequence, the state pool updated in place."""
+               fresh: torch.Tensor, scale: float | None, z: torch.Tensor | None = None,
+               norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """ops/triton_gdn.gated_delta_decode: one token per sequence, the state pool updated in place; with z and
+    norm_weight, its output through the gated RMSNorm."""
     from .triton_gdn import gated_delta_decode as kernel
-    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
+    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale,
+                  None if z is None else (z, norm_weight, eps))
 
 
 @gdn_decode.register_kernel("cpu")
-def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale):
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_weight=None, eps=0.0):
     from .gated_delta import gated_delta_decode as reference
-    return reference(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
+    from .norm import gated_rms_norm
+    o = reference(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
+    return o if z is None else gated_rms_norm(o, z.reshape(o.shape), norm_weight, eps)
 
 
 @gdn_decode.register_fake
-def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale):
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_weight=None, eps=0.0):
     return torch.empty_like(v)
 
 

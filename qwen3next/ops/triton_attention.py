@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_pdl, wait_for_predecessor
+
 # Block shape of the split kernel: BLOCK_N keys per inner step (at most a page), the warps, the software-pipeline
 # stages, and how many programs a step aims for (the splits follow from it). `benchmarks/tune_decode_kernels.py
 # --only attention` swept 108 shapes (H100, 2026-11-23, benchmarks/results/tune_attention_2026-11-23.json) at
@@ -29,8 +31,9 @@ DECODE_CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2, "programs": 264
 def _decode_split_kernel(Q, K, V, PT, CTX, O, M, L, scale, stride_qs, stride_qh, stride_kr, stride_kh,
                          stride_pts, table_width, stride_os, stride_oh, stride_osp, stride_ms, stride_mh,
                          SPLITS, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+                         BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Grid (sequence, kv head, split): the G query heads of one kv head against one split's keys."""
+    wait_for_predecessor(PDL)     # the newest key was written by the kernel just before
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -75,10 +78,11 @@ def _decode_split_kernel(Q, K, V, PT, CTX, O, M, L, scale, stride_qs, stride_qh,
 @triton.jit
 def _merge_kernel(O, M, L, GATE, OUT, Hq, stride_os, stride_oh, stride_osp, stride_ms, stride_mh, stride_gs,
                   stride_gh, stride_outs, stride_outh, SPLITS: tl.constexpr, BLOCK_SP: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr):
+                  CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, PDL: tl.constexpr):
     """Grid (sequence x query head, block of BLOCK_D columns): softmax over all keys =
     sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i, the partial outputs read CHUNK splits at a time; then the
     output gate. Several column blocks per head keep more SMs reading than one program per head did."""
+    wait_for_predecessor(PDL)
     s = tl.program_id(0) // Hq
     h = tl.program_id(0) % Hq
     ms = M + s * stride_ms + h * stride_mh
@@ -128,11 +132,12 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     # the engine's int64 tables as they are: no conversion of a table as wide as the longest context in every
     # layer, and 64-bit row offsets (page id x page size x row stride passes 2^31 in a KV pool of a few GiB)
     pt, ctx = page_table.long(), context_lens.long()
+    pdl = launch_pdl(q)
     _decode_split_kernel[(S, Hkv, splits)](
         q, kf, vf, pt, ctx, o, m, l_, scale, q.stride(0), q.stride(1), kf.stride(0), kf.stride(1), pt.stride(0),
         pt.shape[1], o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1), splits,
         G=G, BLOCK_G=max(16, triton.next_power_of_2(G)), D=D, PAGE=page, BLOCK_N=block_n,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
     # merge the splits (and gate) in one kernel (as torch ops: ~8 small kernels in every attention layer)
     out = torch.empty(S, Hq, D, device=q.device, dtype=q.dtype)
     # [64 splits x 32 columns] per step: the profile of the version reading 16 x 256 (one program per head) put the
@@ -142,14 +147,15 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
     _merge_kernel[(S * Hq, D // block_d)](
         o, m, l_, g_, out, Hq, o.stride(0), o.stride(1), o.stride(2), m.stride(0), m.stride(1), g_.stride(0),
         g_.stride(1), out.stride(0), out.stride(1), SPLITS=splits, BLOCK_SP=block_sp, CHUNK=min(64, block_sp),
-        BLOCK_D=block_d, HAS_GATE=gate is not None)
+        BLOCK_D=block_d, HAS_GATE=gate is not None, PDL=pdl, launch_pdl=pdl)
     return out
 
 
 @triton.jit
 def _write_kv_kernel(KN, VN, KP, VP, SLOTS, stride_kn, stride_kh, stride_vn, stride_vh, stride_pr, stride_ph,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr):
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Grid (new token, kv head): its key and value rows copied to flat row SLOTS[token] of the pages."""
+    wait_for_predecessor(PDL)
     n = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.load(SLOTS + n).to(tl.int64)
@@ -172,6 +178,7 @@ def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: t
     if N == 0:
         return
     kf = k_pages.view(-1, Hkv, D)
+    pdl = launch_pdl(k)
     _write_kv_kernel[(N, Hkv)](k, v, k_pages, v_pages, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
                                v.stride(1), kf.stride(0), kf.stride(1), D=D, BLOCK_D=triton.next_power_of_2(D),
-                               num_warps=1 if D <= 256 else 4)
+                               PDL=pdl, num_warps=1 if D <= 256 else 4, launch_pdl=pdl)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_pdl, wait_for_predecessor
+
 
 @triton.jit
 def _conv_kernel(X, W, H0, SEQ, IDX, Y, N, C, stride_x, stride_y, stride_hs, K: tl.constexpr, BT: tl.constexpr,
@@ -93,7 +95,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
 @triton.jit
 def _conv_step_kernel(X, W, STATE, SLOTS, FRESH, Y, C, stride_x, stride_y, stride_ss, K: tl.constexpr,
                       BK: tl.constexpr, BC: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
-                      HK: tl.constexpr, DK: tl.constexpr, RDV: tl.constexpr):
+                      HK: tl.constexpr, DK: tl.constexpr, RDV: tl.constexpr, PDL: tl.constexpr):
     s = tl.program_id(0)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
@@ -109,9 +111,10 @@ def _conv_step_kernel(X, W, STATE, SLOTS, FRESH, Y, C, stride_x, stride_y, strid
     base = STATE + slot * stride_ss + cols[:, None] * (K - 1)
     old = tl.load(base + j[None, :], mask=c_ok[:, None] & (j < K - 1)[None, :] & carry, other=0.0)
     nxt = tl.load(base + j[None, :] + 1, mask=c_ok[:, None] & (j + 1 < K - 1)[None, :] & carry, other=0.0)
-    x = tl.load(X + s * stride_x + src, mask=c_ok, other=0.0).to(W.dtype.element_ty)    # the reference rounds
     w_old = tl.load(W + cols[:, None] * K + j[None, :], mask=c_ok[:, None] & (j < K - 1)[None, :], other=0.0)
     w_new = tl.load(W + cols * K + (K - 1), mask=c_ok, other=0.0)
+    wait_for_predecessor(PDL)          # the state and weights above are read early; x is the projection just made
+    x = tl.load(X + s * stride_x + src, mask=c_ok, other=0.0).to(W.dtype.element_ty)    # the reference rounds
     acc = tl.sum(old.to(W.dtype.element_ty).to(tl.float32) * w_old.to(tl.float32), 1)
     acc += x.to(tl.float32) * w_new.to(tl.float32)
     if ACT:
@@ -140,8 +143,9 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tenso
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(S, C, device=x.device, dtype=x.dtype)
     BC = 256
+    pdl = launch_pdl(x)
     _conv_step_kernel[(S, triton.cdiv(C, BC))](x, weight, state, slots, fresh, y, C, x.stride(0), y.stride(0),
                                                state.stride(0), K=K, BK=triton.next_power_of_2(K - 1), BC=BC,
                                                ACT=activation, GROUPED=qkvz_layout is not None, HK=hk, DK=dk,
-                                               RDV=rdv, num_warps=4)
+                                               RDV=rdv, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return y

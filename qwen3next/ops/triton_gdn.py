@@ -12,9 +12,11 @@ state in registers:
     S <- exp(g) S;   u = beta (v - S^T k);   S <- S + k u^T;   o = S^T q
     (q, k l2-normalised, q scaled by dk^-1/2; g = -exp(A_log) softplus(a + dt_bias); beta = sigmoid(b))
 
-The short conv before it is its own kernel (ops/triton_conv.causal_conv1d_step; q, k, v are views of its output);
-the gated RMSNorm after it stays in the compiled decode layer (ops/fused.py), which fuses it with its neighbours.
-Reference: ops/gated_delta.gated_delta_decode.
+The short conv before it is its own kernel (ops/triton_conv.causal_conv1d_step; q, k, v are views of its output).
+With `norm`, the kernel also applies Gated DeltaNet's gated RMSNorm (y = w * rms-normed(o) * silu(z), per value
+head): each program then holds a whole head (BV = dv), which pays at one sequence and not at 16 or 64
+(ops/kernels.GDN_NORM_IN_KERNEL_MAX_SEQS); otherwise the norm stays in the compiled decode layer (ops/fused.py).
+Reference: ops/gated_delta.gated_delta_decode (+ ops/norm.gated_rms_norm).
 
 Prefill: split_and_gate unpacks in_proj_qkvz / in_proj_ba (grouped per key head in the checkpoint) into the conv
 input, z and the gates beta, g. Reference: ops/gdn_projections.split_and_gate.
@@ -27,12 +29,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_pdl, wait_for_predecessor
+
 
 @triton.jit
-def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, scale,
+def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, Z, NORM_W, scale, eps,
                        stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_as, stride_ag,
-                       stride_bs, stride_bg, stride_ss, stride_sh, stride_os, stride_oh,
-                       R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                       stride_bs, stride_bg, stride_ss, stride_sh, stride_os, stride_oh, stride_zs, stride_zg,
+                       stride_zr, R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                       BV: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
     vb = tl.program_id(2)
@@ -41,32 +46,47 @@ def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, sc
     vv = vb * BV + tl.arange(0, BV)
     k_ok = kk < DK
     v_ok = vv < DV
+    # the state tile (the bulk of the bytes), its slot and the per-head parameters are read before waiting for
+    # the conv step that makes q, k, v (ops/pdl.py)
+    slot = tl.load(SLOTS + s).to(tl.int64)
+    carry = tl.load(FRESH + s).to(tl.int32) == 0   # a fresh sequence starts from a zero state (FRESH: bool)
+    ptr = STATE + slot * stride_ss + h * stride_sh + kk[:, None] * DV + vv[None, :]
+    m = k_ok[:, None] & v_ok[None, :]
+    S = tl.load(ptr, mask=m & carry, other=0.0)
+    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
+    decay = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
+    wait_for_predecessor(PDL)
     q = tl.load(Q + s * stride_qs + hk * stride_qh + kk, mask=k_ok, other=0.0).to(tl.float32)
     k = tl.load(K + s * stride_ks + hk * stride_kh + kk, mask=k_ok, other=0.0).to(tl.float32)
     v = tl.load(V + s * stride_vs + h * stride_vh + vv, mask=v_ok, other=0.0).to(tl.float32)
     q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
     k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
     # a, b: [S, Hk, R] views (e.g. of in_proj_ba's grouped rows, read in place)
-    a = tl.load(A + s * stride_as + hk * stride_ag + h % R).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+    a = tl.load(A + s * stride_as + hk * stride_ag + h % R).to(tl.float32) + dt_bias
     softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))        # torch's softplus (threshold 20)
-    g = -tl.exp(tl.load(A_LOG + h).to(tl.float32)) * softplus
+    g = decay * softplus
     beta = tl.sigmoid(tl.load(B + s * stride_bs + hk * stride_bg + h % R).to(tl.float32))
-    slot = tl.load(SLOTS + s).to(tl.int64)
-    carry = tl.load(FRESH + s).to(tl.int32) == 0   # a fresh sequence starts from a zero state (FRESH: bool)
-    ptr = STATE + slot * stride_ss + h * stride_sh + kk[:, None] * DV + vv[None, :]
-    m = k_ok[:, None] & v_ok[None, :]
-    S = tl.load(ptr, mask=m & carry, other=0.0)
     S = S * tl.exp(g)
     u = beta * (v - tl.sum(S * k[:, None], 0))
     S = S + k[:, None] * u[None, :]
     o = tl.sum(S * q[:, None], 0)
     tl.store(ptr, S, mask=m)
-    tl.store(O + s * stride_os + h * stride_oh + vv, o.to(O.dtype.element_ty), mask=v_ok)
+    o = o.to(O.dtype.element_ty)
+    if NORM:   # the gated RMSNorm of the head (BV = DV: this program holds all of it), rounded as the reference
+        of = o.to(tl.float32)
+        normed = (of * tl.rsqrt(tl.sum(of * of, 0) / DV + eps)).to(O.dtype.element_ty)
+        z = tl.load(Z + s * stride_zs + hk * stride_zg + (h % R) * stride_zr + vv, mask=v_ok, other=0.0)
+        z = z.to(tl.float32)
+        wn = (tl.load(NORM_W + vv, mask=v_ok, other=0.0) * normed).to(tl.float32)
+        o = (wn * (z / (1.0 + tl.exp(-z)))).to(O.dtype.element_ty)
+    tl.store(O + s * stride_os + h * stride_oh + vv, o, mask=v_ok)
 
 
-def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None):
+def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None, norm=None):
     """Same contract as ops/gated_delta.gated_delta_decode (state updated in place); a, b [S, Hv] or
-    [S, Hk, Hv / Hk] views with unit stride in the last dimension (read where they are)."""
+    [S, Hk, Hv / Hk] views with unit stride in the last dimension (read where they are). With `norm` = (z, weight,
+    eps) the output is Gated DeltaNet's gated RMSNorm of it, ops/norm.gated_rms_norm(o, z, weight, eps), applied
+    in the same kernel; z [S, Hv, dv] or [S, Hk, Hv / Hk, dv] (e.g. a view of in_proj_qkvz's rows)."""
     S, Hk, dk = q.shape
     Hv, dv = v.shape[1], v.shape[2]
     R = Hv // Hk
@@ -77,13 +97,25 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
     a, b = (t.reshape(S, Hk, R) if t.dim() == 2 else t for t in (a, b))
     a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, b))
     o = torch.empty(S, Hv, dv, device=v.device, dtype=v.dtype)
-    BV = min(32, triton.next_power_of_2(dv))
+    if norm is None:
+        z, norm_w, eps, BV = o, o, 0.0, min(32, triton.next_power_of_2(dv))     # z, norm_w: never read
+        zs = (0, 0, 0)
+    else:
+        z, norm_w, eps = norm
+        z = z.reshape(S, Hk, R, dv) if z.dim() == 3 else z          # a view for the checkpoint's grouped rows
+        if z.shape != (S, Hk, R, dv) or z.stride(-1) != 1:
+            raise ValueError(f"the norm's gate must be [S, Hv, dv] = {(S, Hv, dv)} with unit stride in dv, got "
+                             f"{tuple(z.shape)}")
+        BV = triton.next_power_of_2(dv)                              # one program holds a whole head
+        zs = (z.stride(0), z.stride(1), z.stride(2))
+    pdl = launch_pdl(q)
     _gdn_decode_kernel[(S, Hv, triton.cdiv(dv, BV))](
-        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o,        # fresh read as bool: no cast kernel
-        dk ** -0.5 if scale is None else scale,
+        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o, z, norm_w,    # fresh read as bool: no cast kernel
+        dk ** -0.5 if scale is None else scale, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0), a.stride(1),
-        b.stride(0), b.stride(1), state.stride(0), state.stride(1), o.stride(0), o.stride(1),
-        R=R, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, num_warps=4)
+        b.stride(0), b.stride(1), state.stride(0), state.stride(1), o.stride(0), o.stride(1), *zs,
+        R=R, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, NORM=norm is not None, PDL=pdl,
+        num_warps=4 if norm is None else 8, launch_pdl=pdl)
     return o
 
 

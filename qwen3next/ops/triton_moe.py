@@ -23,13 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_pdl, wait_for_predecessor
+
 
 @triton.jit
 def _up_kernel(X, IDS, W, SW, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, stride_s, stride_h,
                K: tl.constexpr, S: tl.constexpr, I: tl.constexpr, IS: tl.constexpr, H: tl.constexpr,
-               BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr):
+               BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
     pair = tl.program_id(0)
     blk = tl.program_id(1)
+    wait_for_predecessor(PDL)      # the expert ids are the routing's, launched just before: nothing to read early
     t = pair // S
     slot = pair % S
     n_rows = I + (IS - I) * (slot >= K).to(tl.int32)     # the slot's intermediate size
@@ -49,8 +52,10 @@ def _up_kernel(X, IDS, W, SW, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, s
     rows = blk * BLOCK_I + tl.arange(0, BLOCK_I)
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_H)
-    acc_g = tl.zeros([BLOCK_I], tl.float32)
-    acc_u = tl.zeros([BLOCK_I], tl.float32)
+    # one row per program: products summed across steps and reduced once at the end (no shuffles in the loop);
+    # several rows: reduced in every step, which keeps the register tile small at [BLOCK_I, BLOCK_H]
+    acc_g = tl.zeros([BLOCK_I, BLOCK_H if BLOCK_I == 1 else 1], tl.float32)
+    acc_u = tl.zeros([BLOCK_I, BLOCK_H if BLOCK_I == 1 else 1], tl.float32)
     for h0 in range(0, H, BLOCK_H):
         c = h0 + cols
         c_ok = c < H
@@ -58,21 +63,28 @@ def _up_kernel(X, IDS, W, SW, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, s
         m = row_ok[:, None] & c_ok[None, :]
         wg = tl.load(g_base + rows[:, None] * row_stride + c[None, :], mask=m, other=0.0).to(tl.float32)
         wu = tl.load(u_base + rows[:, None] * row_stride + c[None, :], mask=m, other=0.0).to(tl.float32)
-        acc_g += tl.sum(wg * x[None, :], 1)
-        acc_u += tl.sum(wu * x[None, :], 1)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u * w
+        if BLOCK_I == 1:
+            acc_g += wg * x[None, :]
+            acc_u += wu * x[None, :]
+        else:
+            acc_g += tl.sum(wg * x[None, :], 1, keep_dims=True)
+            acc_u += tl.sum(wu * x[None, :], 1, keep_dims=True)
+    g_ = tl.sum(acc_g, 1)
+    h = g_ / (1.0 + tl.exp(-g_)) * tl.sum(acc_u, 1) * w
     tl.store(Hbuf + pair * stride_h + rows, h, mask=row_ok)
 
 
 @triton.jit
 def _down_kernel(Hbuf, IDS, D, SD, Y, stride_h, stride_de, stride_dr, stride_sr, stride_y,
                  K: tl.constexpr, S: tl.constexpr, I: tl.constexpr, IS: tl.constexpr, KMAX: tl.constexpr,
-                 H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     pair = tl.program_id(0)
     blk = tl.program_id(1)
     t = pair // S
     slot = pair % S
     n_inner = I + (IS - I) * (slot >= K).to(tl.int32)
+    # the ids were written by the routing kernel, two launches back: finished once this kernel runs (ops/pdl.py),
+    # so the first block of the expert's down rows is read before waiting for h (the up kernel's output)
     if slot < K:
         e = tl.load(IDS + t * K + slot).to(tl.int64)
         base = D + e * stride_de
@@ -83,15 +95,19 @@ def _down_kernel(Hbuf, IDS, D, SD, Y, stride_h, stride_de, stride_dr, stride_sr,
     rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < H
     cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, KMAX, BLOCK_K):    # KMAX = max(I, IS), a constant bound; the mask stops at n_inner
+    c_ok = cols < n_inner
+    wd = tl.load(base + rows[:, None] * row_stride + cols[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+    wait_for_predecessor(PDL)
+    h = tl.load(Hbuf + pair * stride_h + cols, mask=c_ok, other=0.0)
+    acc = wd.to(tl.float32) * h[None, :]          # reduced once after the loop
+    for k0 in range(BLOCK_K, KMAX, BLOCK_K):    # KMAX = max(I, IS), a constant bound; the mask stops at n_inner
         c = k0 + cols
         c_ok = c < n_inner
         h = tl.load(Hbuf + pair * stride_h + c, mask=c_ok, other=0.0)
-        wd = tl.load(base + rows[:, None] * row_stride + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(wd * h[None, :], 1)
-    tl.store(Y + pair * stride_y + rows, acc, mask=row_ok)
+        w_next = tl.load(base + rows[:, None] * row_stride + c[None, :], mask=row_ok[:, None] & c_ok[None, :],
+                         other=0.0)
+        acc += w_next.to(tl.float32) * h[None, :]
+    tl.store(Y + pair * stride_y + rows, tl.sum(acc, 1), mask=row_ok)
 
 
 def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
@@ -119,37 +135,46 @@ def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: 
     width = max(inter, inter_s)
     h = torch.empty(T * S, width, device=x.device, dtype=torch.float32)
     y = torch.empty(T * S, Hd, device=x.device, dtype=torch.float32)
-    # block shapes from benchmarks/tune_decode_kernels.py (H100, 80B-A3B shapes, 2026-11-23): few rows per program
-    # (more programs in flight) won; up at 1 token 21.7 -> 17.9 us, at 4 tokens 63.0 -> 57.9 us
-    BLOCK_I, BLOCK_H = 4, (256 if T == 1 else 1024)
+    # block shapes from benchmarks/tune_decode_kernels.py --only moe (H100, 80B-A3B shapes, 2026-11-23,
+    # benchmarks/results/tune_moe_2026-11-23.json): one row of gate and up per program, 1024 columns per step, won
+    # at 1, 4 and 16 tokens (1 token: 17.4 us = 0.90 of the copy rate, against 19.7 us for the earlier 4 x 256),
+    # but the bench's 64-sequence step got slower with it (9.48 against 8.68 ms per 8 layers): above one token
+    # 4 x 1024 as before; down: 8 x 512 at one token (9.2 against 9.5 us), 16 x 256 above
+    BLOCK_I, BLOCK_H = (1, 1024) if T == 1 else (4, 1024)
+    pdl = launch_pdl(x)
     _up_kernel[(T * S, triton.cdiv(width, BLOCK_I))](
         x, ids, w, sw, gate_up, sg, su, h, x.stride(0), gate_up.stride(0), gate_up.stride(1), sg.stride(0), h.stride(0),
-        K=K, S=S, I=inter, IS=inter_s, H=Hd, BLOCK_I=BLOCK_I, BLOCK_H=BLOCK_H, num_warps=4)
-    BLOCK_N, BLOCK_K = (8 if T == 1 else 16), 256
+        K=K, S=S, I=inter, IS=inter_s, H=Hd, BLOCK_I=BLOCK_I, BLOCK_H=BLOCK_H, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    BLOCK_N, BLOCK_K = (8, 512) if T == 1 else (16, 256)
     _down_kernel[(T * S, triton.cdiv(Hd, BLOCK_N))](
         h, ids, down, sd, y, h.stride(0), down.stride(0), down.stride(1), sd.stride(0), y.stride(0),
-        K=K, S=S, I=inter, IS=inter_s, KMAX=width, H=Hd, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=8)
+        K=K, S=S, I=inter, IS=inter_s, KMAX=width, H=Hd, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl, num_warps=8,
+        launch_pdl=pdl)
     return y.view(T, S, Hd)
 
 
 @triton.jit
 def _route_kernel(LOGITS, W, IDS, stride_l, E: tl.constexpr, K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+                  BLOCK_K: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     t = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
+    wait_for_predecessor(PDL)
     z = tl.load(LOGITS + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
-    p = tl.exp(z - tl.max(z, 0))
-    p = p / tl.sum(p, 0)                              # softmax over all experts, fp32
+    p = tl.exp(z - tl.max(z, 0))                      # softmax numerators in (0, 1]; padding 0
+    # one key per expert: the numerator's bits (ordered like the values, as they are >= 0) above the reversed
+    # index, so ONE max per round finds the largest value and, among equal ones, the lowest index (as argmax did;
+    # max + argmax were two reductions per round)
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)
     kk = tl.arange(0, BLOCK_K)
     top_w = tl.zeros([BLOCK_K], tl.float32)
     top_i = tl.zeros([BLOCK_K], tl.int32)
     for j in tl.static_range(K):                     # k rounds of "take the largest, then hide it"
-        best = tl.argmax(p, 0)
-        top_w = tl.where(kk == j, tl.max(p, 0), top_w)
-        top_i = tl.where(kk == j, best, top_i)
-        p = tl.where(e == best, -1.0, p)
-    if NORM:
-        top_w = top_w / tl.sum(top_w, 0)             # the padding entries are 0
+        best = tl.max(key, 0)
+        top_w = tl.where(kk == j, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), top_w)
+        top_i = tl.where(kk == j, BLOCK_E - 1 - (best & 0xFFFFFFFF).to(tl.int32), top_i)
+        key = tl.where(key == best, -1, key)
+    # with renormalisation the softmax denominator cancels; without it, divide by the sum over all experts
+    top_w = top_w / tl.sum(top_w, 0) if NORM else top_w / tl.sum(p, 0)      # the padding entries are 0
     tl.store(W + t * K + kk, top_w.to(W.dtype.element_ty), mask=kk < K)
     tl.store(IDS + t * K + kk, top_i.to(IDS.dtype.element_ty), mask=kk < K)
 
@@ -162,7 +187,8 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
     # the kernel stores in the output dtypes itself: casts afterwards would be two more kernels per decode layer
     w = torch.empty(T, top_k, device=logits.device, dtype=router_logits.dtype)
     ids = torch.empty(T, top_k, device=logits.device, dtype=torch.int64)
+    pdl = launch_pdl(logits)
     _route_kernel[(T,)](logits, w, ids, logits.stride(0), E=E, K=top_k, BLOCK_E=triton.next_power_of_2(E),
-                        BLOCK_K=triton.next_power_of_2(top_k), NORM=norm_topk_prob,
+                        BLOCK_K=triton.next_power_of_2(top_k), NORM=norm_topk_prob, PDL=pdl, launch_pdl=pdl,
                         num_warps=1)   # one warp: its reductions need no barriers; 5.3 -> 3.9 us at 1 token (H100)
     return w, ids
