@@ -85,8 +85,8 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, **kw):
 # The GDN decode kernel applies the gated norm itself (one program per head then) for steps of up to this many
 # sequences; above, the norm runs after it (in a compiled layer Inductor fuses it with its neighbours). H100,
 # 80B-A3B shapes, in CUDA graphs (benchmarks/check_gpu.py --only gdn_decode, 2026-11-23): the kernel alone
-# 14.9 / 23.9 / 111 us at 1 / 16 / 64 sequences, with the norm inside 16.2 / 36.1 / 138 us; at one sequence the
-# 8-layer step went 0.84 -> 0.82 ms (two of Inductor's kernels fewer per GDN layer), at 64 it went 8.7 -> 9.2 ms.
+# 14.9 / 23.9 / 111 us at 1 / 16 / 64 sequences, with the norm inside 16.2 / 36.1 / 138 us (the norm after it is
+# one or two of Inductor's kernels, a few us); at one sequence the bench's 8-layer step went 0.84 -> 0.82 ms.
 GDN_NORM_IN_KERNEL_MAX_SEQS = 1
 
 

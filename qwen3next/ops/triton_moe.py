@@ -53,7 +53,8 @@ def _up_kernel(X, IDS, W, SW, GU, SG, SU, Hbuf, stride_x, stride_e, stride_gu, s
     row_ok = rows < n_rows
     cols = tl.arange(0, BLOCK_H)
     # one row per program: products summed across steps and reduced once at the end (no shuffles in the loop);
-    # several rows: reduced in every step, which keeps the register tile small at [BLOCK_I, BLOCK_H]
+    # several rows: reduced in every step (with [4, 1024] accumulators the bench's 64-sequence step took 9.2
+    # against 8.6 ms per 8 layers, H100, 2026-11-23)
     acc_g = tl.zeros([BLOCK_I, BLOCK_H if BLOCK_I == 1 else 1], tl.float32)
     acc_u = tl.zeros([BLOCK_I, BLOCK_H if BLOCK_I == 1 else 1], tl.float32)
     for h0 in range(0, H, BLOCK_H):
