@@ -269,7 +269,8 @@ def check_gdn_decode():
         norm_w = (1 + 0.1 * torch.randn(dv, device="cuda")).bfloat16()
         want_n = norm_ops.gated_rms_norm(want, z.double().reshape(S, Hv, dv), norm_w.double(), 1e-6)
         got_pool = pool.clone()
-        got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, got_pool, slots, fresh, norm=(z, norm_w, 1e-6))
+        got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, got_pool, slots, fresh, z=z, norm_weight=norm_w,
+                                 eps=1e-6)
         record(f"fused GDN decode step B={S}: with the gated norm", rel(got, want_n), 2e-2)
         record(f"fused GDN decode step B={S}: with the gated norm, state pool", rel(got_pool, want_pool), 1e-3)
 
@@ -284,7 +285,7 @@ def check_gdn_decode():
             t_fused, _ = bench.time_step(lambda: gated_delta_decode(q, k, v, a, b, A_log, dt_bias, pool, slots, fresh))
             t_unfused, _ = bench.time_step(unfused)
             t_norm_in, _ = bench.time_step(lambda: gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, pool, slots,
-                                                                      fresh, norm=(z, norm_w, 1e-6)))
+                                                                      fresh, z=z, norm_weight=norm_w, eps=1e-6))
             t_norm_after, _ = bench.time_step(lambda: norm_ops.gated_rms_norm(
                 gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, pool, slots, fresh), z.reshape(S, Hv, dv),
                 norm_w, 1e-6))

@@ -200,7 +200,7 @@ want_rec = rec.clone()
 want = gated_delta.gated_delta_decode(q, k, v, a3.reshape(S, -1), b3.reshape(S, -1), A_log, dt_bias, want_rec,
                                       slots, fresh)
 want = norm_ops.gated_rms_norm(want, z.reshape(S, hk * r, dv), norm_w, 1e-6)
-got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, rec, slots, fresh, norm=(z, norm_w, 1e-6))
+got = gated_delta_decode(q, k, v, a3, b3, A_log, dt_bias, rec, slots, fresh, z=z, norm_weight=norm_w, eps=1e-6)
 check("gated_delta_decode with the gated norm", got, want, 1e-5)
 check("gated_delta_decode with the gated norm, pool", rec, want_rec, 1e-5)
 

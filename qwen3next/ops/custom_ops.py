@@ -124,8 +124,7 @@ def gdn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tenso
     """ops/triton_gdn.gated_delta_decode: one token per sequence, the state pool updated in place; with z and
     norm_weight, its output through the gated RMSNorm."""
     from .triton_gdn import gated_delta_decode as kernel
-    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale,
-                  None if z is None else (z, norm_weight, eps))
+    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z, norm_weight, eps)
 
 
 @gdn_decode.register_kernel("cpu")

@@ -99,9 +99,7 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, norm=
     elif _step_kernel_applies(q, k, v, a, b) and state.dtype == torch.float32:
         kernel = _gpu_kernel("gdn_decode", "triton_gdn", "gated_delta_decode")
         if norm is not None and q.shape[0] <= GDN_NORM_IN_KERNEL_MAX_SEQS:       # the norm inside the kernel
-            if torch.compiler.is_compiling():
-                return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None, *norm)
-            return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None, norm)
+            return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None, *norm)
         o = kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
     else:
         # gather the states, the recurrent kernel (fla's on GPU), scatter them back

@@ -13,7 +13,7 @@ state in registers:
     (q, k l2-normalised, q scaled by dk^-1/2; g = -exp(A_log) softplus(a + dt_bias); beta = sigmoid(b))
 
 The short conv before it is its own kernel (ops/triton_conv.causal_conv1d_step; q, k, v are views of its output).
-With `norm`, the kernel also applies Gated DeltaNet's gated RMSNorm (y = w * rms-normed(o) * silu(z), per value
+With z and norm_weight, the kernel also applies Gated DeltaNet's gated RMSNorm (y = w * rms-normed(o) * silu(z), per value
 head): each program then holds a whole head (BV = dv), which pays at one sequence and not at 16 or 64
 (ops/kernels.GDN_NORM_IN_KERNEL_MAX_SEQS); otherwise the norm stays in the compiled decode layer (ops/fused.py).
 Reference: ops/gated_delta.gated_delta_decode (+ ops/norm.gated_rms_norm).
@@ -82,11 +82,13 @@ def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, Z,
     tl.store(O + s * stride_os + h * stride_oh + vv, o, mask=v_ok)
 
 
-def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None, norm=None):
+def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None, z=None, norm_weight=None,
+                       eps=0.0):
     """Same contract as ops/gated_delta.gated_delta_decode (state updated in place); a, b [S, Hv] or
-    [S, Hk, Hv / Hk] views with unit stride in the last dimension (read where they are). With `norm` = (z, weight,
-    eps) the output is Gated DeltaNet's gated RMSNorm of it, ops/norm.gated_rms_norm(o, z, weight, eps), applied
-    in the same kernel; z [S, Hv, dv] or [S, Hk, Hv / Hk, dv] (e.g. a view of in_proj_qkvz's rows)."""
+    [S, Hk, Hv / Hk] views with unit stride in the last dimension (read where they are). With z and norm_weight
+    the output is Gated DeltaNet's gated RMSNorm of it, ops/norm.gated_rms_norm(o, z, norm_weight, eps), applied
+    in the same kernel; z [S, Hv, dv] or [S, Hk, Hv / Hk, dv] (e.g. a view of in_proj_qkvz's rows). The custom op
+    qwen3next::gdn_decode has this signature."""
     S, Hk, dk = q.shape
     Hv, dv = v.shape[1], v.shape[2]
     R = Hv // Hk
@@ -97,11 +99,11 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
     a, b = (t.reshape(S, Hk, R) if t.dim() == 2 else t for t in (a, b))
     a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, b))
     o = torch.empty(S, Hv, dv, device=v.device, dtype=v.dtype)
-    if norm is None:
-        z, norm_w, eps, BV = o, o, 0.0, min(32, triton.next_power_of_2(dv))     # z, norm_w: never read
+    norm = z is not None
+    if not norm:
+        z, norm_weight, BV = o, o, min(32, triton.next_power_of_2(dv))       # z, norm_weight: never read
         zs = (0, 0, 0)
     else:
-        z, norm_w, eps = norm
         z = z.reshape(S, Hk, R, dv) if z.dim() == 3 else z          # a view for the checkpoint's grouped rows
         if z.shape != (S, Hk, R, dv) or z.stride(-1) != 1:
             raise ValueError(f"the norm's gate must be [S, Hv, dv] = {(S, Hv, dv)} with unit stride in dv, got "
@@ -110,12 +112,12 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
         zs = (z.stride(0), z.stride(1), z.stride(2))
     pdl = launch_pdl(q)
     _gdn_decode_kernel[(S, Hv, triton.cdiv(dv, BV))](
-        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o, z, norm_w,    # fresh read as bool: no cast kernel
+        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o, z, norm_weight,  # fresh read as bool: no cast kernel
         dk ** -0.5 if scale is None else scale, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), state.stride(0), state.stride(1), o.stride(0), o.stride(1), *zs,
-        R=R, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, NORM=norm is not None, PDL=pdl,
-        num_warps=4 if norm is None else 8, launch_pdl=pdl)
+        R=R, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, NORM=norm, PDL=pdl,
+        num_warps=8 if norm else 4, launch_pdl=pdl)
     return o
 
 
