@@ -376,6 +376,68 @@ def small_models(mtp_layers: int):
         yield cfg, cpu, ids, ref, dtype, tol, random_model(cfg, seed=0, dtype=dtype).cuda()
 
 
+def check_moe_prefill():
+    """The routed experts of a prefill chunk as ops/triton_experts.py's two GEMM kernels: against the fp32
+    reference loop and the grouped-GEMM path (torch._grouped_mm) on 80B-A3B shapes, timed side by side in CUDA
+    graphs against the floor (hit experts' weights at the copy rate, or the FLOPs at the matmul rate), and a sweep
+    of block shapes at 4K and 32K tokens."""
+    from qwen3next import bench
+    from qwen3next.ops import triton_experts as te
+    torch.manual_seed(0)
+    E, H, I, k = 512, 2048, 512, 10
+    gate_up = (torch.randn(E, 2 * I, H, device="cuda") * 0.02).bfloat16()
+    down = (torch.randn(E, H, I, device="cuda") * 0.02).bfloat16()
+    routed = {}
+    for N in (1, 37, 512, 4096):
+        x = torch.randn(N, H, device="cuda").bfloat16()
+        w, ids = ref_moe.route(torch.randn(N, E, device="cuda"), k, True)
+        ours = te.experts_forward(x, gate_up, down, ids, w.bfloat16())
+        want = ref_moe.experts_forward(x.float(), gate_up.float(), down.float(), ids, w.float())
+        record(f"triton experts N={N} (bf16 vs fp32 loop)", rel(ours, want), 2e-2)
+        if cuda_ops.has_grouped_mm():
+            record(f"triton experts N={N} vs grouped-mm (both bf16)",
+                   rel(ours, cuda_ops.experts_forward(x, gate_up, down, ids, w.bfloat16())), 2e-2)
+    copy, mm = bench.copy_bandwidth(), bench.matmul_rate()
+    print(f"copy {copy / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    print(f"{'tokens':>7} {'ours us':>9} {'grouped us':>10} {'floor us':>9} {'grouped/ours':>12} {'ours/floor':>10}")
+    with torch.inference_mode():
+        for N in (512, 2048, 4096, 8192, 16384, 32768):
+            x = torch.randn(N, H, device="cuda").bfloat16()
+            w, ids = ref_moe.route(torch.randn(N, E, device="cuda"), k, True)
+            w = w.bfloat16()
+            routed[N] = (x, w, ids)
+            hit = int(torch.unique(ids).numel())
+            floor = max((hit * 3 * H * I * 2 + 2 * N * H * 2) / copy, 2 * N * k * 3 * H * I / mm)
+            t_ours, _ = bench.time_step(lambda: te.experts_forward(x, gate_up, down, ids, w))
+            t_grp = float("nan")
+            if cuda_ops.has_grouped_mm():
+                t_grp, _ = bench.time_step(lambda: cuda_ops.experts_forward(x, gate_up, down, ids, w))
+            ROWS.append({"check": f"triton experts timing N={N}", "ours_us": t_ours * 1e6, "grouped_us": t_grp * 1e6,
+                         "floor_us": floor * 1e6, "ok": True})
+            print(f"{N:>7} {t_ours * 1e6:>9.0f} {t_grp * 1e6:>10.0f} {floor * 1e6:>9.0f} {t_grp / t_ours:>12.2f} "
+                  f"{t_ours / floor:>10.2f}", flush=True)
+        for N in (4096, 32768):
+            x, w, ids = routed[N]
+            sweep = []
+            for kind, shapes in (("up", [dict(BM=bm, BN=bn, BK=64, num_warps=nw, num_stages=st)
+                                         for bm in (64, 128) for bn in (64, 128) for nw in (8,) for st in (3, 4)]),
+                                 ("down", [dict(BM=128, BN=bn, BK=bk, num_warps=nw, num_stages=st)
+                                           for bn in (128, 256) for bk in (64,) for nw in (4, 8)
+                                           for st in (3, 4)])):
+                for blocks in shapes:
+                    kw = {"up_blocks": blocks} if kind == "up" else {"down_blocks": blocks}
+                    try:
+                        t, _ = bench.time_step(lambda: te.experts_forward(x, gate_up, down, ids, w, **kw))
+                    except Exception as e:  # noqa: BLE001 - a shape that does not fit (shared memory) is skipped
+                        print(f"  {kind} {blocks}: {type(e).__name__}")
+                        continue
+                    sweep.append((t, kind, blocks))
+            for t, kind, blocks in sorted(sweep, key=lambda r: r[0])[:6]:
+                print(f"  N={N} best: {t * 1e6:8.0f} us  {kind} {blocks}")
+            ROWS.append({"check": f"triton experts sweep N={N}", "ok": True,
+                         "results": [{"us": t * 1e6, "kernel": kind, **blocks} for t, kind, blocks in sweep]})
+
+
 def check_prefill_glue():
     """The eager prefill path's Triton passes (ops/triton_norm.py, ops/triton_grouped.py, the GDN input split of
     ops/triton_gdn.py) against their torch
@@ -548,7 +610,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma-separated sections: gdn,gdn_decode,moe,moe_decode,gemv,conv,paged,prefill,e2e "
+                    help="comma-separated sections: gdn,gdn_decode,moe,moe_decode,moe_prefill,gemv,conv,paged,prefill,"
+                         "e2e "
                          "(default: all; "
                          "gdn is the slow one)")
     ap.add_argument("--no-fused-step-kernels", action="store_true",
@@ -559,7 +622,8 @@ def main():
     from qwen3next.ops import kernels
     if args.no_fused_step_kernels:
         kernels.FUSED_STEP_KERNELS = False
-    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "gemv", "conv",
+    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "moe_prefill",
+                                                        "gemv", "conv",
                                                                    "paged", "prefill", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
            "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
@@ -571,7 +635,7 @@ def main():
     print(env, flush=True)
     t = time.time()
     for name, fn in (("gdn", check_gdn), ("gdn_decode", check_gdn_decode), ("moe", check_moe),
-                     ("moe_decode", check_moe_decode), ("gemv", check_gemv),
+                     ("moe_decode", check_moe_decode), ("moe_prefill", check_moe_prefill), ("gemv", check_gemv),
                      ("conv", check_conv), ("paged", check_paged_decode), ("prefill", check_prefill_glue),
                      ("e2e", check_end_to_end)):
         if name in only:

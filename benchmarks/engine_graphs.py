@@ -26,7 +26,11 @@ LENGTHS = (64, 40, 96, 17, 128, 33, 80, 50)
 
 
 def run(device: str, dtype, graphs: bool, repeat: int = 2) -> dict:
+    t = time.perf_counter()
     llm = LLM(device=device, dtype=dtype, cuda_graphs=graphs, max_num_seqs=16)
+    load_s = time.perf_counter() - t
+    print(f"  [{dtype}, graphs={graphs}] loaded in {load_s:.1f} s, of which warm-up {llm.engine.warm_up_s:.1f} s",
+          flush=True)
     if graphs and device == "cpu":       # no capture on a CPU: the same static-buffer path, run eagerly
         llm.engine.runner.graphs = llm.engine.runner.decode_graphs(capture=False)
     prompts = [llm.render_chat([{"role": "user", "content": f"What does {f} do?"}]) for f in QUESTIONS]
@@ -41,6 +45,7 @@ def run(device: str, dtype, graphs: bool, repeat: int = 2) -> dict:
     alone_s = time.perf_counter() - t
     toks = [list(o.outputs[0].token_ids) for o in outs]
     return {"tokens": toks, "batch_tok_s": sum(map(len, toks)) / batch_s, "alone_tok_s": LENGTHS[0] / alone_s,
+            "load_s": load_s, "warm_up_s": llm.engine.warm_up_s,
             "cuda_graphs": llm.engine.usage().get("cuda_graphs")}
 
 
@@ -58,7 +63,9 @@ def main() -> int:
         used = bool(g["cuda_graphs"]) and g["cuda_graphs"]["replays"] > 0
         row = {"dtype": name, "identical": f"{same}/{len(QUESTIONS)}", "graphs_used": used,
                "batch8_tok_s": {"graphs": g["batch_tok_s"], "eager": e["batch_tok_s"]},
-               "alone_tok_s": {"graphs": g["alone_tok_s"], "eager": e["alone_tok_s"]}, "stats": g["cuda_graphs"]}
+               "alone_tok_s": {"graphs": g["alone_tok_s"], "eager": e["alone_tok_s"]}, "stats": g["cuda_graphs"],
+               "load_s": {"graphs": g["load_s"], "eager": e["load_s"]},
+               "warm_up_s": {"graphs": g["warm_up_s"], "eager": e["warm_up_s"]}}
         rows.append(row)
         print(f"{name}: identical {same}/{len(QUESTIONS)} | 8 requests: graphs {g['batch_tok_s']:.0f} tok/s, eager "
               f"{e['batch_tok_s']:.0f} | 1 request: graphs {g['alone_tok_s']:.0f}, eager {e['alone_tok_s']:.0f}"

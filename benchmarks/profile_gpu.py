@@ -3,7 +3,10 @@ DeltaNet + 1 attention layer, real shapes, random bf16 weights, random token ids
 decode steps; kernels are also summed by kind (expert GEMMs, projections, fla, attention, glue). Decode steps are
 profiled as the bench times them: compiled layers replayed from a CUDA graph.
 
-    python benchmarks/profile_gpu.py [--only prefill,prefill32k,b1,b64]
+    python benchmarks/profile_gpu.py [--only prefill,prefill32k,b1,b64] [--lines]
+
+--lines also attributes the GPU time of each torch op to the line of our code that called it (a profile with
+Python stacks), which is how copies and elementwise kernels are traced back to their source.
 """
 from __future__ import annotations
 
@@ -80,8 +83,34 @@ def report(prof, n: int) -> None:
         print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:110]}")
 
 
+def _caller(e) -> str:
+    """The innermost Python frame of qwen3next above a profiler event (with_stack records frames as events)."""
+    p = e.cpu_parent
+    while p is not None:
+        if "qwen3next/" in p.name:
+            return p.name.split("qwen3next/")[-1]
+        p = p.cpu_parent
+    ours = [f for f in (getattr(e, "stack", None) or []) if "qwen3next/" in f]
+    return ours[0].split("qwen3next/")[-1] if ours else "?"
+
+
+def by_line(prof, n: int = 40) -> None:
+    """GPU time of the torch ops, grouped by (op, the innermost line of qwen3next that called it)."""
+    rows: dict = {}
+    for e in prof.events():
+        if not e.name.startswith("aten::") or e.device_time_total <= 0 or (e.cpu_parent is not None
+                                                                           and e.cpu_parent.name.startswith("aten::")):
+            continue
+        key = (e.name, _caller(e))
+        t, c = rows.get(key, (0.0, 0))
+        rows[key] = (t + e.device_time_total, c + 1)
+    print("  GPU time of torch ops by calling line:")
+    for (name, where), (t, c) in sorted(rows.items(), key=lambda kv: -kv[1][0])[:n]:
+        print(f"  {t / 1e3:8.3f} ms  x{c:<4d} {name:28s} {where[:90]}")
+
+
 @torch.inference_mode()
-def top_kernels(model, T, B=1, ctx=0, ps=64, n=32):
+def top_kernels(model, T, B=1, ctx=0, ps=64, n=32, lines=False):
     per_seq = _pages_for(ctx + T, ps)
     cache = HybridCache(model.config, B, B * per_seq, ps, torch.bfloat16, "cuda", include_mtp=False)
     meta = BatchMeta.build([T] * B, [ctx] * B, list(range(B)), [list(range(i * per_seq, (i + 1) * per_seq))
@@ -104,6 +133,12 @@ def top_kernels(model, T, B=1, ctx=0, ps=64, n=32):
         step()
         torch.cuda.synchronize()
     report(prof, n)
+    if lines and T > 1:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            step()
+            torch.cuda.synchronize()
+        by_line(prof)
 
 
 CASES = {"prefill": ("prefill 4K", dict(T=4096)), "prefill32k": ("prefill 32K", dict(T=32768)), "b1": ("decode b1 @4K", dict(T=1, ctx=4096)),
@@ -115,6 +150,8 @@ def main():
     import argparse
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    ap.add_argument("--lines", action="store_true", help="GPU time of torch ops by the line of ours calling them")
+    ap.add_argument("--kernels", type=int, default=32, help="how many of the top kernels to list")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = random_gpu_model(preset("qwen3-next-80b-a3b"), 4)
@@ -122,7 +159,7 @@ def main():
         print(f"== {label}")
         for k, v in parts(model, **kw).items():
             print(f"  {k:32s} {v * 1e3:8.3f} ms")
-        top_kernels(model, **kw)
+        top_kernels(model, **kw, n=args.kernels, lines=args.lines)
         torch.cuda.empty_cache()
 
 

@@ -60,7 +60,7 @@ def _sampling(args, llm):
 def _llm(args):
     from .engine.llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               speculative_tokens=args.speculative_tokens, cuda_graphs=args.cuda_graphs)
+               speculative_tokens=args.speculative_tokens, cuda_graphs=args.cuda_graphs, warm_up=args.warm_up)
 
 
 def _cmd_generate(args) -> int:
@@ -111,6 +111,9 @@ def _add_generation_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: K drafts (0 = off)")
     s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
+    s.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
+                        "only; the first requests then wait for them)")
     s.add_argument("--max-tokens", type=int, default=None, help="tokens to generate at most (default 512)")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's generation_config)")
     s.add_argument("--top-p", type=float, default=None, help="nucleus sampling")

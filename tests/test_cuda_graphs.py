@@ -12,6 +12,7 @@ from qwen3next import LLM, SamplingParams, random_model, save_model
 from qwen3next.engine.graphs import DecodeGraphs, bucket_sizes, graphs_enabled
 from qwen3next.engine.sampling_params import SamplingParams as SP
 from qwen3next.engine.sequence import Sequence
+from qwen3next.model.cache import KVPages
 
 CFG = ENGINE_CFG
 
@@ -169,3 +170,33 @@ def test_capture_failure_falls_back_to_eager(ckpt, monkeypatch, caplog):
     st = llm.engine.usage()["cuda_graphs"]
     assert calls == [4] and st["failed"] and st["replays"] == 0 and st["buckets_captured"] == []
     assert sum("CUDA graph capture" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_warm_up_touches_only_the_scratch_slot_and_page(ckpt):
+    """The start-up warm-up (a one- and a two-sequence prefill, the one-sequence decode bucket) runs only in the
+    scratch slot and page: the states and pages requests use are unchanged, and requests decode the same tokens."""
+    ps = prompts([5, 40, 17])
+    sps = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 6, 9)]
+    ref = tokens(make(ckpt, static=False).generate(ps, sps))
+    llm = make(ckpt, static=True, max_num_seqs=3)
+    runner = llm.engine.runner
+    assert llm.engine.warm_up_s == 0.0                       # CPU: nothing at start-up
+    slot, page = runner.num_slots, runner.num_pages
+
+    def held():   # (tensor, rows requests may use): states by slot, KV by page
+        out = []
+        for layer in runner.cache.layers:
+            if isinstance(layer, KVPages):
+                out += [(layer.k, page), (layer.v, page)]
+            else:
+                out += [(layer.conv, slot), (layer.recurrent, slot)]
+        return out
+
+    before = [t.clone() for t, _ in held()]
+    assert runner.warm_up(force=True) > 0
+    after = [t for t, _ in held()]
+    for b, (a, n) in zip(before, held()):
+        assert torch.equal(b[:n], a[:n])
+    assert any(not torch.equal(b, a) for b, a in zip(before, after))           # the scratch was written
+    assert 1 in runner.graphs.buckets
+    assert tokens(llm.generate(ps, sps)) == ref

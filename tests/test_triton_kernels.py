@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 51, r.stdout
+    assert r.stdout.count("max error") == 56, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -169,6 +169,24 @@ def test_grouped_glue_kernels_compile_for_hopper():
     c = _compile(g._combine_kernel, {"Y": "*bf16", "INV": "*i64", "Out": "*bf16", **_ints("stride_y stride_o")},
                  dict(K=10, H=2048, BLOCK_H=1024))
     assert ".entry _swiglu_kernel" in s.asm["ptx"] and ".entry _combine_kernel" in c.asm["ptx"]
+
+
+def test_prefill_expert_kernels_compile_for_hopper():
+    from qwen3next.ops import triton_experts as m
+    tiles = {"TILE_E": "*i32", "TILE_R0": "*i32", "TILE_R1": "*i32", "ORDER": "*i32"}
+    up = _compile(m._up_kernel, {**_ptrs("X", "bf16"), "WTS": "*bf16", "GU": "*bf16", **tiles, "Hout": "*bf16",
+                                 **_ints("stride_x stride_e stride_gu stride_h E")},
+                  dict(K=10, I=512, H=2048, **{k: v for k, v in m.UP_BLOCKS.items() if k.startswith("B")}))
+    down = _compile(m._down_kernel, {"Hin": "*bf16", "D": "*bf16", **tiles, "Y": "*bf16",
+                                     **_ints("stride_h stride_de stride_dr stride_y E")},
+                    dict(I=512, H=2048, **{k: v for k, v in m.DOWN_BLOCKS.items() if k.startswith("B")}))
+    for k in (up, down):      # Hopper's warpgroup matrix instructions
+        assert "wgmma.mma_async" in k.asm["ptx"]
+    plan = _compile(m._plan_kernel, {"IDS": "*i64", **_ptrs("CURSOR TILE_E TILE_R0 TILE_R1", "i32"),
+                                     **_ints("M n_tiles")}, dict(E=512, BE=512, BM=128, BLOCK=1024))
+    scatter = _compile(m._scatter_kernel, {"IDS": "*i64", **_ptrs("CURSOR ORDER", "i32"), **_ints("M")},
+                       dict(BLOCK=1024))
+    assert ".entry _plan_kernel" in plan.asm["ptx"] and "atom.global" in scatter.asm["ptx"]
 
 
 def test_moe_reference_per_slot_sums_to_the_moe_block():

@@ -43,7 +43,7 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, num_kv_pages: int | None = None, page_size: int = 16,
                  kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None,
                  speculative_tokens: int = 0, speculative_disable_batch_size: int = 16,
-                 speculative_adaptive: bool = True, cuda_graphs: bool = True):
+                 speculative_adaptive: bool = True, cuda_graphs: bool = True, warm_up: bool = True):
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -75,6 +75,9 @@ class LLMEngine:
                             "measured 0.15x (slower) at batch 1 and 1.0-1.4x at batch 16-64 with 80B-A3B shapes on "
                             "an H100 at the published acceptance; the adaptive policy switches drafting off where "
                             "it measures a loss (README, Benchmarks)")
+        # warm_up: on CUDA, compile the prefill kernels and capture the one-sequence decode graph now, not inside
+        # the first requests (runner.warm_up)
+        self.warm_up_s = self.runner.warm_up() if warm_up else 0.0
         self.generator = torch.Generator(device=self.runner.device).manual_seed(seed)
         self.generation_config = generation_config or {}
         gen_eos = self.generation_config.get("eos_token_id")

@@ -114,6 +114,12 @@ class DecodeGraphs:
                 return False
         return True
 
+    def prepare(self, batch_size: int) -> bool:
+        """Capture the bucket of `batch_size` now (start-up warm-up) rather than at its first step; False if it
+        failed (its steps then run eagerly, as they would have)."""
+        with self._on_device():
+            return self._bucket(self.bucket_for(batch_size)) is not None
+
     def bucket_for(self, batch_size: int) -> int:
         return next(b for b in self.sizes if b >= batch_size)
 

@@ -27,7 +27,9 @@ class LLM:
                  dtype: str | torch.dtype = "auto", device: str | None = None, seed: int = 0, **engine_args):
         """engine_args: max_num_seqs, max_model_len, max_num_batched_tokens, num_kv_pages, page_size, kv_cache_gib,
         speculative_tokens (k MTP drafts per step, 0 = off), speculative_disable_batch_size (never draft at this
-        many decoding sequences), speculative_adaptive (draft only where it measures a gain; default True)."""
+        many decoding sequences), speculative_adaptive (draft only where it measures a gain; default True),
+        cuda_graphs (decode steps replayed from CUDA graphs on a GPU; default True), warm_up (on a GPU, compile the
+        prefill kernels and capture the one-sequence decode graph at start-up; default True)."""
         if model is None:
             from .. import DEFAULT_MODEL
             if DEFAULT_MODEL is None:

@@ -7,11 +7,16 @@ eagerly.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from ..model.cache import BatchMeta, HybridCache
 from .graphs import DecodeGraphs, graphs_enabled
 from .scheduler import ScheduledBatch
+
+log = logging.getLogger("qwen3next.engine")
 
 
 class ModelRunner:
@@ -69,6 +74,31 @@ class ModelRunner:
         out = self.model(input_ids, cache=self.cache, meta=meta,
                          logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
         return out.logits.float(), rows, out.hidden_states
+
+    @torch.inference_mode()
+    def warm_up(self, force: bool = False) -> float:
+        """Compile at start-up what a first request would otherwise wait for (on CUDA; `force` runs it anywhere,
+        for tests): Triton compiles every kernel variant on its first use, and the prefill of one sequence takes
+        other variants of fla's chunked kernels than a packed batch of several (no packed boundaries); in a fresh
+        process the first request alone, after batched ones, waited 38-64 s for them (H100, 2026-11-23). Runs a
+        one-sequence and a two-sequence prefill and the decode step of one sequence (its CUDA graph captured, which
+        compiles the decode layers), all in the scratch slot and page that no request uses. Returns seconds."""
+        if self.device.type != "cuda" and not force:
+            return 0.0
+        started = time.perf_counter()
+        n = max(1, min(self.page_size, 8))
+        slot, page = self.num_slots, self.num_pages
+        for seqs in (1, 2):
+            meta = BatchMeta.build([n] * seqs, [0] * seqs, [slot] * seqs, [[page]] * seqs, self.page_size,
+                                   self.device)
+            ids = torch.zeros(n * seqs, dtype=torch.long, device=self.device)
+            self.model(ids, cache=self.cache, meta=meta, logits_to_keep=torch.tensor([n * seqs - 1],
+                                                                                       device=self.device))
+        if self.graphs is not None:
+            self.graphs.prepare(1)
+        seconds = time.perf_counter() - started
+        log.info("warm-up (prefill kernels, decode graph of one sequence) took %.1f s", seconds)
+        return seconds
 
     def graph_stats(self) -> dict | None:
         if self.graphs is None:

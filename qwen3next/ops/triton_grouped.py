@@ -5,7 +5,8 @@ the weighted SwiGLU between the GEMMs is three kernels with two bf16 intermediat
 gathers every row back to token order (a 168 MB copy) before an fp32 sum over each token's k rows. Here:
 
   weighted_swiglu  h [M, 2I] -> silu(h[:, :I]) * h[:, I:] * w[:, None]  (fp32 inside, rounded once)
-  combine          y [M, H], inverse [N * k] -> out[t] = sum_j y[inverse[t * k + j]]  (fp32 sum, no gathered copy)
+  combine          y [M, H], inverse [N * k] -> out[t] = sum_j y[inverse[t * k + j]]  (fp32 sum, no gathered copy;
+                   without inverse the rows are already in (token, slot) order, as ops/triton_experts.py writes them)
 
 Reference: ops/cuda._weighted_swiglu and _combine; tests/test_triton_kernels.py compares them in Triton's CPU
 interpreter, benchmarks/check_gpu.py on a GPU.
@@ -32,12 +33,16 @@ def _swiglu_kernel(Hin, Wt, Out, M, stride_h, stride_o, I: tl.constexpr, ROWS: t
 
 
 @triton.jit
-def _combine_kernel(Y, INV, Out, stride_y, stride_o, K: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(Y, INV, Out, stride_y, stride_o, K: tl.constexpr, H: tl.constexpr, BLOCK_H: tl.constexpr,
+                    GATHER: tl.constexpr = True):
     t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros([BLOCK_H], tl.float32)
     for j in tl.static_range(K):
-        row = tl.load(INV + t * K + j).to(tl.int64)
+        if GATHER:
+            row = tl.load(INV + t * K + j).to(tl.int64)
+        else:                           # the rows are already in (token, slot) order
+            row = t.to(tl.int64) * K + j
         acc += tl.load(Y + row * stride_y + cols, mask=cols < H, other=0.0).to(tl.float32)
     tl.store(Out + t.to(tl.int64) * stride_o + cols, acc.to(Out.dtype.element_ty), mask=cols < H)
 
@@ -51,10 +56,13 @@ def weighted_swiglu(h: torch.Tensor, w: torch.Tensor, inter: int) -> torch.Tenso
     return out
 
 
-def combine(y: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
-    N, H = inverse.numel() // k, y.shape[-1]
+def combine(y: torch.Tensor, inverse: torch.Tensor | None, k: int) -> torch.Tensor:
+    """out[t] = sum_j y[inverse[t * k + j]], or sum_j y[t * k + j] with inverse None (rows in (token, slot) order)."""
+    N, H = y.shape[0] // k, y.shape[-1]
     out = torch.empty(N, H, dtype=y.dtype, device=y.device)
     BLOCK_H = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(N, triton.cdiv(H, BLOCK_H))](y, inverse.contiguous(), out, y.stride(0), out.stride(0), K=k,
-                                                   H=H, BLOCK_H=BLOCK_H, num_warps=4)
+    gather = inverse is not None
+    _combine_kernel[(N, triton.cdiv(H, BLOCK_H))](y, inverse.contiguous() if gather else y, out, y.stride(0),
+                                                   out.stride(0), K=k, H=H, BLOCK_H=BLOCK_H, GATHER=gather,
+                                                   num_warps=4)
     return out

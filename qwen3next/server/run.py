@@ -35,6 +35,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding: draft K tokens per step (0 = off)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
+    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                   help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
+                        "only; the first requests then wait for them)")
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests in flight before new ones get 503 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -56,7 +59,7 @@ def serve_main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     engine_args = {k: getattr(args, k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
                                                  "kv_cache_gib", "speculative_tokens") if getattr(args, k) is not None}
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, seed=args.seed, cuda_graphs=args.cuda_graphs,
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, seed=args.seed, cuda_graphs=args.cuda_graphs, warm_up=args.warm_up,
               **engine_args)
     names = args.served_model_name or [os.path.basename(os.path.normpath(llm.model_path)) or "qwen3next"]
     run_server(llm, host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
