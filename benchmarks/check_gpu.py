@@ -376,6 +376,9 @@ def small_models(mtp_layers: int):
         yield cfg, cpu, ids, ref, dtype, tol, random_model(cfg, seed=0, dtype=dtype).cuda()
 
 
+SWEEP = False     # --sweep: also time block shapes of the prefill expert kernels
+
+
 def check_moe_prefill():
     """The routed experts of a prefill chunk as ops/triton_experts.py's two GEMM kernels: against the fp32
     reference loop and the grouped-GEMM path (torch._grouped_mm) on 80B-A3B shapes, timed side by side in CUDA
@@ -416,7 +419,7 @@ def check_moe_prefill():
                          "floor_us": floor * 1e6, "ok": True})
             print(f"{N:>7} {t_ours * 1e6:>9.0f} {t_grp * 1e6:>10.0f} {floor * 1e6:>9.0f} {t_grp / t_ours:>12.2f} "
                   f"{t_ours / floor:>10.2f}", flush=True)
-        for N in (4096, 32768):
+        for N in (4096, 32768) if SWEEP else ():
             x, w, ids = routed[N]
             sweep = []
             for kind, shapes in (("up", [dict(BM=bm, BN=bn, BK=64, num_warps=nw, num_stages=st)
@@ -618,13 +621,15 @@ def main():
                     help="run the end-to-end checks without the decode-step kernels (routing, GDN and conv step, "
                          "one-row linear) "
                          "(kernels.FUSED_STEP_KERNELS, as QWEN3NEXT_FUSED_STEP_KERNELS=0 does)")
+    ap.add_argument("--sweep", action="store_true", help="moe_prefill: also sweep the expert kernels' block shapes")
     args = ap.parse_args()
+    global SWEEP
+    SWEEP = args.sweep
     from qwen3next.ops import kernels
     if args.no_fused_step_kernels:
         kernels.FUSED_STEP_KERNELS = False
     only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "moe_prefill",
-                                                        "gemv", "conv",
-                                                                   "paged", "prefill", "e2e"}
+                                                        "gemv", "conv", "paged", "prefill", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
            "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
     try:

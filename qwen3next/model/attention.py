@@ -48,5 +48,5 @@ class Attention(nn.Module):
         else:  # packed batch (B == 1): store the new keys, then attend over each sequence's pages (and gate)
             kernels.write_kv(kv.k, kv.v, k[0], v[0], meta.slot_mapping)
             out = kernels.paged_attention(q[0], kv.k, kv.v, meta, self.scale,
-                                          gate=None if gate is None else gate[0])[None]
+                                          gate=None if gate is None else gate[0], k=k[0], v=v[0])[None]
         return self.o_proj(out.reshape(B, T, -1))

@@ -25,16 +25,19 @@ def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: t
     v_pages.view(-1, *v_pages.shape[2:]).index_copy_(0, slot_mapping, v.to(v_pages.dtype))
 
 
-def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta, scale: float) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, meta, scale: float,
+                    k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of packed queries q [N, Hq, D] over each sequence's cached keys [0, context_lens[i]); a query at
-    position p sees keys <= p. `meta` is a BatchMeta (page table, positions, token -> sequence maps).
+    position p sees keys <= p. `meta` is a BatchMeta (page table, positions, token -> sequence maps). k, v
+    [N, Hkv, D]: the keys and values of this step (already written to the pages), which a prefill chunk that
+    starts a sequence attends to directly instead of gathering them back from the pages.
 
     Decode steps (one query per sequence) and uniform verification steps (a few per sequence) run as one padded
     SDPA call over gathered keys. Batches with prefill chunks run per sequence, so no [S, Lq, Lk] mask is ever
     built for long prompts.
     """
     if not (meta.is_decode or meta.is_verify):
-        return _paged_prefill(q, k_pages, v_pages, meta, scale)
+        return _paged_prefill(q, k_pages, v_pages, meta, scale, k, v)
     S, Lq, Lk = meta.page_table.shape[0], meta.max_q_len, meta.max_context_len
     N, Hq, D = q.shape
     ps = k_pages.shape[1]
@@ -60,23 +63,26 @@ def paged_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tenso
     return out.transpose(1, 2)[meta.token_seq, meta.token_index]                  # [N, Hq, D]
 
 
-def _paged_prefill(q, k_pages, v_pages, meta, scale):
-    out = torch.empty_like(q)
+def _paged_prefill(q, k_pages, v_pages, meta, scale, k_new=None, v_new=None):
     ps = k_pages.shape[1]
     flat_k, flat_v = k_pages.view(-1, *k_pages.shape[2:]), v_pages.view(-1, *v_pages.shape[2:])
     cu = [0, *itertools.accumulate(meta.q_lens)]                           # host copy: no device sync
+    outs = []
     for i, (start, n) in enumerate(zip(meta.start_positions, meta.q_lens)):
         qi = q[cu[i]:cu[i + 1]].transpose(0, 1)[None]                        # [1, Hq, n, D]
-        ctx = start + n
-        kpos = torch.arange(ctx, device=q.device)
-        rows = meta.page_table[i].gather(0, kpos // ps) * ps + kpos % ps
-        ki = flat_k[rows].transpose(0, 1)[None].to(q.dtype)                 # [1, Hkv, ctx, D]
-        vi = flat_v[rows].transpose(0, 1)[None].to(q.dtype)
+        if start == 0 and k_new is not None:   # the whole context is this chunk: its own keys, no gather
+            ki = k_new[cu[i]:cu[i + 1]].transpose(0, 1)[None].to(q.dtype)
+            vi = v_new[cu[i]:cu[i + 1]].transpose(0, 1)[None].to(q.dtype)
+        else:
+            kpos = torch.arange(start + n, device=q.device)
+            rows = meta.page_table[i].gather(0, kpos // ps) * ps + kpos % ps
+            ki = flat_k[rows].transpose(0, 1)[None].to(q.dtype)             # [1, Hkv, ctx, D]
+            vi = flat_v[rows].transpose(0, 1)[None].to(q.dtype)
         gqa = qi.shape[1] != ki.shape[1]
         if start == 0:   # no cached prefix: plain causal attention (FlashAttention on GPU)
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
         else:            # a later chunk: queries at start..ctx-1 see keys 0..their own position
             mask = kpos[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[cu[i]:cu[i + 1]] = o[0].transpose(0, 1)
-    return out
+        outs.append(o[0].transpose(0, 1))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -202,9 +202,10 @@ def causal_attention(q, k, v, scale):
     return _attn.causal_attention(q, k, v, scale)   # SDPA: FlashAttention kernels on GPU
 
 
-def paged_attention(q, k_pages, v_pages, meta, scale, gate=None):
+def paged_attention(q, k_pages, v_pages, meta, scale, gate=None, k=None, v=None):
     """Attention over the paged cache; with `gate` ([N, Hq, D]) the output is multiplied by sigmoid(gate) (the
-    attention output gate), which the GPU decode kernel applies in its merge pass."""
+    attention output gate), which the GPU decode kernel applies in its merge pass. k, v: this step's keys and
+    values (already in the pages), which prefill chunks that start a sequence read directly."""
     if "paged_attention" in _overrides:
         out = _overrides["paged_attention"](q, k_pages, v_pages, meta, scale)
     elif _gpu(q) and (meta.is_decode or meta.is_verify) and _cuda.has_triton():
@@ -216,7 +217,7 @@ def paged_attention(q, k_pages, v_pages, meta, scale, gate=None):
         return paged_decode_attention(q, k_pages, v_pages, meta.page_table[meta.token_seq], meta.positions + 1,
                                       meta.max_context_len, scale, gate)
     else:
-        out = _attn.paged_attention(q, k_pages, v_pages, meta, scale)
+        out = _attn.paged_attention(q, k_pages, v_pages, meta, scale, k, v)
     return out if gate is None else out * torch.sigmoid(gate)
 
 
