@@ -114,15 +114,16 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, norm=
 # Routed experts of prefill chunks (and of steps above MOE_DECODE_MAX_TOKENS) run as ops/triton_experts.py's
 # kernels: the assignments sorted and cut into tiles on the device, x's rows gathered and SwiGLU applied inside
 # the GEMMs. H100, 80B-A3B shapes, in CUDA graphs (benchmarks/check_gpu.py --only moe_prefill, 2026-11-24):
-# 1.05x-1.23x faster than torch._grouped_mm on gathered rows from 512 to 32K tokens. Before Hopper (no
-# torch._grouped_mm) they replace a loop over the experts. QWEN3NEXT_TRITON_EXPERTS=0 keeps the grouped GEMMs.
+# 1.06x-1.19x faster than torch._grouped_mm on gathered rows from 512 to 16K tokens, 1.02x-1.05x at 32K (where
+# both are compute-bound). bf16 only (the dtype checked on a GPU); before Hopper (no torch._grouped_mm) they would
+# replace a loop over the experts, not measured there. QWEN3NEXT_TRITON_EXPERTS=0 keeps the grouped GEMMs.
 TRITON_EXPERTS = os.environ.get("QWEN3NEXT_TRITON_EXPERTS", "1") != "0"
 
 
 def _triton_experts_apply(x, gate_up, down, weights) -> bool:
     return ((TRITON_EXPERTS or not _cuda.has_grouped_mm()) and _gpu(x) and _cuda.has_triton()
-            and x.dtype in (torch.bfloat16, torch.float16) and gate_up.dtype == down.dtype == x.dtype
-            and not _needs_grad(x, gate_up, down, weights))
+            and x.dtype == gate_up.dtype == down.dtype == torch.bfloat16 and not _needs_grad(x, gate_up, down,
+                                                                                                 weights))
 
 
 def experts_forward(x, gate_up, down, ids, weights):

@@ -144,9 +144,10 @@ def _scatter_kernel(IDS, CURSOR, ORDER, M, BLOCK: tl.constexpr):
 
 
 # Block shapes (BM rows of one expert, BN output columns, BK reduction step, warps, pipeline stages), from the
-# sweep of benchmarks/check_gpu.py --only moe_prefill (H100, 80B-A3B shapes, 2026-11-24): at 4K tokens the shapes
-# tried were within 1% of each other, at 32K 128 columns and 4 stages made the up kernel 10% faster. BM is at least
-# the mean rows per expert of a 4K-token prefill (~80), so each hit expert's weights are read once there.
+# sweeps of benchmarks/check_gpu.py --only moe_prefill --sweep (H100, 80B-A3B shapes, 2026-11-24): at 4K tokens
+# the shapes tried were within 1-2% of each other; at 32K the up kernel's 128 columns and 4 stages were the best of
+# both sweeps (10% ahead of 64 columns and 3 stages in the first, 0.5% ahead of 3 stages in the second). BM is at
+# least the mean rows per expert of a 4K-token prefill (~80), so each hit expert's weights are read once there.
 UP_BLOCKS = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4)
 DOWN_BLOCKS = dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
 
