@@ -205,14 +205,12 @@ def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     if x.stride(-1) != 1 or gate_up.stride(-1) != 1 or down.stride(-1) != 1:
         raise ValueError("x and the expert weights must be contiguous in their last dimension")
     M = N * k
+    if M == 0:
+        return torch.zeros_like(x)
     h = torch.empty(M, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(M, H, dtype=x.dtype, device=x.device)
     wts = weights.reshape(-1)
-    if M == 0:
-        return torch.zeros_like(x)
-    ub, db = dict(up_blocks), dict(down_blocks)
-    for blocks in (ub, db):     # one bm for both kernels: they share the tiles
-        blocks["BM"] = ub["BM"]
+    ub, db = dict(up_blocks), {**down_blocks, "BM": up_blocks["BM"]}   # one BM: both kernels share the tiles
     order, tile_e, row0, row1 = plan(ids, E, ub["BM"])
     n_tiles = tile_e.numel()
     _up_kernel[(n_tiles * triton.cdiv(inter, ub["BN"]),)](
