@@ -5,7 +5,9 @@ alternately for several rounds so that both see the same machine.
     python benchmarks/ab_prefill.py [--switch experts] [--tokens 4096,32768] [--layers 8] [--rounds 3] [--out F]
 
 Switches:
-  experts   the routed experts as ops/triton_experts.py's kernels (on) or torch._grouped_mm (off)
+  experts     the routed experts as ops/triton_experts.py's kernels (on) or torch._grouped_mm (off)
+  conv-split  our prefill conv writes GDN's q, k, v as three contiguous tensors (on) or one [N, C] output that
+              fla's wrapper copies apart (off)
 """
 from __future__ import annotations
 
@@ -28,7 +30,11 @@ def _experts(on: bool) -> None:
     kernels.TRITON_EXPERTS = on
 
 
-SWITCHES = {"experts": _experts}
+def _conv_split(on: bool) -> None:
+    kernels.CONV_SPLIT_OUTPUT = on
+
+
+SWITCHES = {"experts": _experts, "conv-split": _conv_split}
 
 
 @torch.inference_mode()

@@ -3,10 +3,12 @@ DeltaNet + 1 attention layer, real shapes, random bf16 weights, random token ids
 decode steps; kernels are also summed by kind (expert GEMMs, projections, fla, attention, glue). Decode steps are
 profiled as the bench times them: compiled layers replayed from a CUDA graph.
 
-    python benchmarks/profile_gpu.py [--only prefill,prefill32k,b1,b64] [--lines]
+    python benchmarks/profile_gpu.py [--only prefill,prefill32k,b1,b64] [--lines] [--timeline]
 
 --lines also attributes the GPU time of each torch op to the line of our code that called it (a profile with
-Python stacks), which is how copies and elementwise kernels are traced back to their source.
+Python stacks), which is how copies and elementwise kernels are traced back to their source. --timeline lists a decode step's
+kernels in the order the GPU ran them, with start, duration and the gap after the kernel before (negative where
+programmatic dependent launch overlaps them): where a step's time goes between kernels rather than in them.
 """
 from __future__ import annotations
 
@@ -83,6 +85,27 @@ def report(prof, n: int) -> None:
         print(f"  {e.device_time_total / 1e3:8.3f} ms  x{e.count:<4d} {e.key[:110]}")
 
 
+def timeline(prof, path: str) -> None:
+    """The kernels of one profiled step in GPU order (from the profiler's trace): start, duration, gap."""
+    import json
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        evs = json.load(f)["traceEvents"]
+    ks = sorted((e for e in evs if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    if not ks:
+        print("  (no kernel events in the trace)")
+        return
+    t0, end, busy = ks[0]["ts"], ks[0]["ts"], 0.0
+    print(f"  {'start':>8s} {'dur':>7s} {'gap':>7s}  kernel (us)")
+    for e in ks:
+        gap = e["ts"] - end
+        print(f"  {e['ts'] - t0:8.1f} {e['dur']:7.1f} {gap:7.1f}  {e['name'][:90]}")
+        busy += max(0.0, e["ts"] + e["dur"] - max(end, e["ts"]))
+        end = max(end, e["ts"] + e["dur"])
+    span = end - t0
+    print(f"  {len(ks)} kernels, span {span:.1f} us, GPU busy {busy:.1f} us, idle between kernels {span - busy:.1f} us")
+
+
 def _caller(e) -> str:
     """The innermost Python frame of qwen3next above a profiler event (with_stack records frames as events)."""
     p = e.cpu_parent
@@ -110,7 +133,7 @@ def by_line(prof, n: int = 40) -> None:
 
 
 @torch.inference_mode()
-def top_kernels(model, T, B=1, ctx=0, ps=64, n=32, lines=False):
+def top_kernels(model, T, B=1, ctx=0, ps=64, n=32, lines=False, trace=None):
     per_seq = _pages_for(ctx + T, ps)
     cache = HybridCache(model.config, B, B * per_seq, ps, torch.bfloat16, "cuda", include_mtp=False)
     meta = BatchMeta.build([T] * B, [ctx] * B, list(range(B)), [list(range(i * per_seq, (i + 1) * per_seq))
@@ -133,6 +156,8 @@ def top_kernels(model, T, B=1, ctx=0, ps=64, n=32, lines=False):
         step()
         torch.cuda.synchronize()
     report(prof, n)
+    if trace:
+        timeline(prof, trace)
     if lines and T > 1:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
@@ -152,14 +177,20 @@ def main():
     ap.add_argument("--only", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     ap.add_argument("--lines", action="store_true", help="GPU time of torch ops by the line of ours calling them")
     ap.add_argument("--kernels", type=int, default=32, help="how many of the top kernels to list")
+    ap.add_argument("--timeline", metavar="DIR", help="list each step's kernels in GPU order; traces saved in DIR")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = random_gpu_model(preset("qwen3-next-80b-a3b"), 4)
-    for label, kw in (CASES[c] for c in args.only.split(",")):
+    for case in args.only.split(","):
+        label, kw = CASES[case]
         print(f"== {label}")
         for k, v in parts(model, **kw).items():
             print(f"  {k:32s} {v * 1e3:8.3f} ms")
-        top_kernels(model, **kw, n=args.kernels, lines=args.lines)
+        trace = None
+        if args.timeline:
+            os.makedirs(args.timeline, exist_ok=True)
+            trace = os.path.join(args.timeline, f"trace_{case}.json")
+        top_kernels(model, **kw, n=args.kernels, lines=args.lines, trace=trace)
         torch.cuda.empty_cache()
 
 

@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 56, r.stdout
+    assert r.stdout.count("max error") == 62, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -95,17 +95,20 @@ def test_gemv_kernel_compiles_for_hopper(dtype):
     assert ".entry _gemv3_kernel" in k.asm["ptx"] and "griddepcontrol" not in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("norm", [False, True])
-def test_gdn_decode_kernel_compiles_for_hopper(norm):
+@pytest.mark.parametrize("norm,block_v", [(False, 32), (True, 32), (True, 128)])
+def test_gdn_decode_kernel_compiles_for_hopper(norm, block_v):
     from qwen3next.ops import triton_gdn as g
     k = _compile(g._gdn_decode_kernel,
                  {**_ptrs("Q K V A B", "bf16"), **_ptrs("A_LOG DT_BIAS", "fp32"), "STATE": "*fp32", "SLOTS": "*i64",
-                  "FRESH": "*i1", **_ptrs("O Z NORM_W", "bf16"), "scale": "fp32", "eps": "fp32",
+                  "FRESH": "*i1", **_ptrs("O Z NORM_W", "bf16"), "COUNT": "*i32", "scale": "fp32", "eps": "fp32",
                   **_ints("stride_qs stride_qh stride_ks stride_kh stride_vs stride_vh stride_as stride_ag "
                           "stride_bs stride_bg stride_ss stride_sh stride_os stride_oh stride_zs stride_zg "
                           "stride_zr")},
-                 dict(R=2, DK=128, DV=128, BK=128, BV=128 if norm else 32, NORM=norm, PDL=True))
-    assert ".entry _gdn_decode_kernel" in k.asm["ptx"]
+                 dict(R=2, DK=128, DV=128, BK=128, BV=block_v, BDV=128, NORM=norm, PDL=True))
+    ptx = k.asm["ptx"]
+    assert ".entry _gdn_decode_kernel" in ptx
+    # a head over several programs: the last to arrive norms it
+    assert ("atom.global.gpu.acq_rel.add" in ptx) == (norm and block_v < 128)
     _assert_pdl(k, loads_before_wait=True)         # the state tile is read before the wait
 
 
@@ -155,7 +158,7 @@ def test_conv_kernels_compile_for_hopper(dtype, has_h0):
     from qwen3next.ops import triton_conv as t
     conv = _compile(t._conv_kernel, {**_ptrs("X W H0", dtype), "SEQ": "*i64", "IDX": "*i64", "Y": f"*{dtype}",
                                      **_ints("N C stride_x stride_y stride_hs")},
-                    dict(K=4, BT=16, BC=128, HAS_H0=has_h0, ACT=True))
+                    dict(K=4, BT=16, BC=128, HAS_H0=has_h0, ACT=True, SPLIT=has_h0, CQ=2048))
     final = _compile(t._final_state_kernel, {**_ptrs("X H0", dtype), "CU": "*i64", "OUT": f"*{dtype}",
                                              **_ints("C stride_x stride_hs stride_os")},
                      dict(K=4, BC=256, HAS_H0=has_h0))

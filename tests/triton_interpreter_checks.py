@@ -84,6 +84,14 @@ got_pool = pool.clone()
 got = gated_delta_decode(q, k, v, a, b, A_log, dt_bias, got_pool, slots, fresh)
 check("gated_delta_decode output", got, want, 1e-5)
 check("gated_delta_decode state pool (in place)", got_pool, want_pool, 1e-5)
+# with the gated norm: a whole head per program, and a head over three programs (the last one norms it)
+z, norm_w = torch.randn(S, Hv, dv), torch.rand(dv) + 0.5
+want_normed = norm_ops.gated_rms_norm(want, z, norm_w, 1e-6)
+for block_v in (64, 16):
+    got_pool = pool.clone()
+    got = gated_delta_decode(q, k, v, a, b, A_log, dt_bias, got_pool, slots, fresh, None, z, norm_w, 1e-6, block_v)
+    check(f"gated_delta_decode + gated norm, {block_v} columns per program", got, want_normed, 1e-5)
+    check(f"gated_delta_decode + gated norm, {block_v} columns per program, state", got_pool, want_pool, 1e-5)
 
 # paged decode attention: ragged contexts (1 token, a page boundary, several pages), GQA, with the batch's key
 # length as the bound and with a much larger bound (a CUDA graph captured for the longest context); blocks of a
@@ -188,6 +196,12 @@ for lens, starts, h0 in (([1, 2, 9, 5], [3, 7, 0, 12], True), ([6, 3], [0, 0], F
     want = conv1d.causal_conv1d(x, w, init, cu_seqlens=meta.cu_seqlens)
     check(f"causal_conv1d lens={lens} state={h0} y", got[0], want[0], 1e-5)
     check(f"causal_conv1d lens={lens} state={h0} final state", got[1], want[1], 1e-6)
+    # q, k, v written as three contiguous parts (Cq = 48 channels each for q and k, 104 for v)
+    parts, _ = triton_conv.causal_conv1d(x, w, init, meta.cu_seqlens, meta.token_seq, meta.token_index,
+                                         split_qk=48)
+    if not all(p.is_contiguous() for p in parts) or [p.shape[-1] for p in parts] != [48, 48, 104]:
+        failures.append("causal_conv1d split parts not contiguous [1, N, C_i]")
+    check(f"causal_conv1d lens={lens} state={h0} q, k, v apart", torch.cat(parts, -1), want[0], 1e-5)
 
 # conv decode step: the pool updated in place in shuffled slots, a fresh sequence ignoring its old slot, K = 4 and 3
 for K, dtype in ((4, torch.float32), (3, torch.float32), (4, torch.bfloat16)):
@@ -244,6 +258,11 @@ x = torch.randn(1, 1, 300)
 ws = [torch.randn(7, 300), torch.randn(4, 303)[:, :300], torch.randn(9, 300)]
 for n in (3, 2, 1):
     check(f"gemv_multi {n} weights", gemv_multi(x, ws[:n]), torch.cat([F.linear(x, w) for w in ws[:n]], -1), 1e-5)
+
+# every arrival counter is back at zero (ops/arrival.py): the next call, or the next replay of a graph, starts clean
+from qwen3next.ops import arrival  # noqa: E402
+if not arrival._BUFFERS or any(int(b.count_nonzero()) for b in arrival._BUFFERS.values()):
+    failures.append("arrival counters not reset")
 
 if failures:
     sys.exit(f"mismatches: {failures}")

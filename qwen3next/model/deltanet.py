@@ -56,9 +56,10 @@ class GatedDeltaNet(nn.Module):
                                                    self.hk, self.dk, self.r, self.dv)
         return mixed.view(B, T, -1), z.view(B, T, self.hv, self.dv), beta.view(B, T, -1), g.view(B, T, -1)
 
-    def _heads(self, mixed: torch.Tensor):
-        Bm, Tm, _ = mixed.shape
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+    def _heads(self, mixed: torch.Tensor | list[torch.Tensor]):
+        """The conv output [B, T, C] (or its q, k, v parts) -> q, k [B, T, hk, dk], v [B, T, hv, dv]."""
+        Bm, Tm, _ = mixed[0].shape if isinstance(mixed, list) else mixed.shape
+        q, k, v = mixed if isinstance(mixed, list) else mixed.split([self.key_dim, self.key_dim, self.value_dim], -1)
         return (q.reshape(Bm, Tm, self.hk, self.dk),          # the op maps value head j to key head j // r
                 k.reshape(Bm, Tm, self.hk, self.dk), v.reshape(Bm, Tm, self.hv, self.dv))
 
@@ -86,8 +87,10 @@ class GatedDeltaNet(nn.Module):
         mixed, z, beta, g = self._project_and_gate(x)
         host = {} if cu_host is None else {"cu_seqlens_cpu": cu_host}
         maps = {} if cu is None else {"token_seq": meta.token_seq, "token_index": meta.token_index}
-        mixed, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host, **maps)
-        q, k, v = self._heads(mixed)
+        # q, k, v as three tensors: contiguous ones from our Triton conv, as fla's chunk kernel takes them
+        qkv, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host, **maps,
+                                                split=[self.key_dim, self.key_dim, self.value_dim])
+        q, k, v = self._heads(qkv)
         if mixed.shape[1] == 1:
             o, rec_final = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
                                                               output_final_state=state is not None, cu_seqlens=cu)

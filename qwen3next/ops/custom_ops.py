@@ -120,15 +120,15 @@ def _(router_logits, top_k, norm_topk_prob):
 def gdn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
                fresh: torch.Tensor, scale: float | None, z: torch.Tensor | None = None,
-               norm_weight: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+               norm_weight: torch.Tensor | None = None, eps: float = 0.0, block_v: int | None = None) -> torch.Tensor:
     """ops/triton_gdn.gated_delta_decode: one token per sequence, the state pool updated in place; with z and
-    norm_weight, its output through the gated RMSNorm."""
+    norm_weight, its output through the gated RMSNorm; block_v: value columns per program."""
     from .triton_gdn import gated_delta_decode as kernel
-    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z, norm_weight, eps)
+    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z, norm_weight, eps, block_v)
 
 
 @gdn_decode.register_kernel("cpu")
-def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_weight=None, eps=0.0):
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_weight=None, eps=0.0, block_v=None):
     from .gated_delta import gated_delta_decode as reference
     from .norm import gated_rms_norm
     o = reference(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale)
@@ -136,7 +136,7 @@ def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_we
 
 
 @gdn_decode.register_fake
-def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_weight=None, eps=0.0):
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_weight=None, eps=0.0, block_v=None):
     return torch.empty_like(v)
 
 

@@ -82,12 +82,16 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, **kw):
     return _gdr.recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
 
 
-# The GDN decode kernel applies the gated norm itself (one program per head then) for steps of up to this many
-# sequences; above, the norm runs after it (in a compiled layer Inductor fuses it with its neighbours). H100,
-# 80B-A3B shapes, in CUDA graphs (benchmarks/check_gpu.py --only gdn_decode, 2026-11-23): the kernel alone
-# 14.9 / 23.9 / 111 us at 1 / 16 / 64 sequences, with the norm inside 16.2 / 36.1 / 138 us (the norm after it is
-# one or two of Inductor's kernels, a few us); at one sequence the bench's 8-layer step went 0.84 -> 0.82 ms.
+# The GDN decode kernel applies the gated norm itself for steps of up to this many sequences (None: any), with
+# this many value columns per program, the last of a head's programs to finish norming the head
+# (ops/triton_gdn.py); above, the norm runs after it (in a compiled layer Inductor fuses it with its neighbours).
+# H100, 8 layers in CUDA graphs, same process (benchmarks/ab_decode.py --switch gdn-norm, 2026-11-24): 32 columns
+# per program made the step 0.989x as long as one program per head (BV = 128, used until then) at one sequence;
+# at 16 sequences the norm in the kernel was 1.004x the norm after it, so the limit stays at one. (The kernel
+# alone, check_gpu.py --only gdn_decode: 1 / 16 / 64 sequences 17.7 / 26.8 / 119 us with the norm over several
+# programs, 18.3 / 36.6 / 142 us one program per head, 33.7 / 55.8 / 147 us as torch ops after it.)
 GDN_NORM_IN_KERNEL_MAX_SEQS = 1
+GDN_NORM_BLOCK_V = 32
 
 
 def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, norm=None):
@@ -98,8 +102,9 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, norm=
         o = _overrides["gated_delta_decode"](q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
     elif _step_kernel_applies(q, k, v, a, b) and state.dtype == torch.float32:
         kernel = _gpu_kernel("gdn_decode", "triton_gdn", "gated_delta_decode")
-        if norm is not None and q.shape[0] <= GDN_NORM_IN_KERNEL_MAX_SEQS:       # the norm inside the kernel
-            return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None, *norm)
+        limit = GDN_NORM_IN_KERNEL_MAX_SEQS
+        if norm is not None and (limit is None or q.shape[0] <= limit):       # the norm inside the kernel
+            return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None, *norm, GDN_NORM_BLOCK_V)
         o = kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
     else:
         # gather the states, the recurrent kernel (fla's on GPU), scatter them back
@@ -167,16 +172,32 @@ def moe_decode(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_do
     return y.sum(1, dtype=torch.float32).to(x.dtype)   # in a compiled layer this fuses with the residual add
 
 
-def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=None, **kw):
+# Our Triton conv of prefill chunks writes Gated DeltaNet's q, k and v as three contiguous tensors, as fla's chunk
+# kernel takes them (benchmarks/ab_prefill.py --switch conv-split); False: one [N, C] output and fla's copies
+CONV_SPLIT_OUTPUT = True
+
+
+def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=None, split=None, **kw):
     """`token_seq` / `token_index` (BatchMeta's token maps, with cu_seqlens) let packed prefill chunks on GPU take
-    our Triton conv (ops/triton_conv.py), which costs the host a fraction of fla's wrapper."""
+    our Triton conv (ops/triton_conv.py), which costs the host a fraction of fla's wrapper. `split` = [Cq, Cq, Cv]
+    (Gated DeltaNet's q, k, v channels): the output comes as those three parts (contiguous ones from the Triton
+    conv), else as one tensor."""
     if "causal_conv1d" in _overrides:
-        return _overrides["causal_conv1d"](x, weight, initial_state, **kw)
-    if (token_seq is not None and kw.get("cu_seqlens") is not None and x.shape[1] > 1
+        y, final = _overrides["causal_conv1d"](x, weight, initial_state, **kw)
+    elif (token_seq is not None and kw.get("cu_seqlens") is not None and x.shape[1] > 1
             and not kw.get("output_all_states") and _fused_elementwise_applies(x, weight)):
         from .triton_conv import causal_conv1d as conv
-        return conv(x, weight, initial_state, kw["cu_seqlens"], token_seq, token_index,
-                    activation=kw.get("activation", True))
+        parts = split is not None and CONV_SPLIT_OUTPUT and split[0] == split[1] and sum(split) == x.shape[-1]
+        y, final = conv(x, weight, initial_state, kw["cu_seqlens"], token_seq, token_index,
+                        activation=kw.get("activation", True), split_qk=split[0] if parts else None)
+        if parts:
+            return y, final
+    else:
+        y, final = _causal_conv1d(x, weight, initial_state, **kw)
+    return (y if split is None else list(y.split(split, dim=-1))), final
+
+
+def _causal_conv1d(x, weight, initial_state=None, **kw):
     # other prefill chunks on GPU: fla's Triton conv (one kernel, varlen); a decode step has its own op,
     # causal_conv1d_step below
     if (_gpu(x) and x.shape[1] > 1 and not kw.get("output_all_states") and _cuda.has_fla()

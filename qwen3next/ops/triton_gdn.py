@@ -14,8 +14,10 @@ state in registers:
 
 The short conv before it is its own kernel (ops/triton_conv.causal_conv1d_step; q, k, v are views of its output).
 With z and norm_weight, the kernel also applies Gated DeltaNet's gated RMSNorm (y = w * rms-normed(o) * silu(z), per value
-head): each program then holds a whole head (BV = dv), which pays at one sequence and not at 16 or 64
-(ops/kernels.GDN_NORM_IN_KERNEL_MAX_SEQS); otherwise the norm stays in the compiled decode layer (ops/fused.py).
+head). The norm needs the whole head, which BV columns per program do not hold: each program stores its columns,
+and the last of a head's programs to finish (ops/arrival.py) reads the head back and writes it normed. One
+program per head (BV = dv, as until 2026-11-24) held a 128 x 128 fp32 tile in registers, 32 programs at one
+sequence: that kernel ended ~8 us after the conv step before it (H100, benchmarks/profile_gpu.py --timeline).
 Reference: ops/gated_delta.gated_delta_decode (+ ops/norm.gated_rms_norm).
 
 Prefill: split_and_gate unpacks in_proj_qkvz / in_proj_ba (grouped per key head in the checkpoint) into the conv
@@ -29,15 +31,26 @@ import torch
 import triton
 import triton.language as tl
 
+from .arrival import arrive_last, counters
 from .pdl import launch_pdl, wait_for_predecessor
 
 
 @triton.jit
-def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, Z, NORM_W, scale, eps,
+def _gated_norm_store(O_ROW, o, Z_ROW, NORM_W, cols, ok, eps, DV: tl.constexpr):
+    """Store o [cols] (a whole head, in O's dtype) as w * rms-normed(o) * silu(z), rounded as the reference."""
+    of = o.to(tl.float32)
+    normed = (of * tl.rsqrt(tl.sum(of * of, 0) / DV + eps)).to(O_ROW.dtype.element_ty)
+    z = tl.load(Z_ROW + cols, mask=ok, other=0.0).to(tl.float32)
+    wn = (tl.load(NORM_W + cols, mask=ok, other=0.0) * normed).to(tl.float32)
+    tl.store(O_ROW + cols, (wn * (z / (1.0 + tl.exp(-z)))).to(O_ROW.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, Z, NORM_W, COUNT, scale, eps,
                        stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_as, stride_ag,
                        stride_bs, stride_bg, stride_ss, stride_sh, stride_os, stride_oh, stride_zs, stride_zg,
                        stride_zr, R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                       BV: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+                       BV: tl.constexpr, BDV: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
     s = tl.program_id(0)
     h = tl.program_id(1)
     vb = tl.program_id(2)
@@ -72,18 +85,28 @@ def _gdn_decode_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, Z,
     o = tl.sum(S * q[:, None], 0)
     tl.store(ptr, S, mask=m)
     o = o.to(O.dtype.element_ty)
-    if NORM:   # the gated RMSNorm of the head (BV = DV: this program holds all of it), rounded as the reference
-        of = o.to(tl.float32)
-        normed = (of * tl.rsqrt(tl.sum(of * of, 0) / DV + eps)).to(O.dtype.element_ty)
-        z = tl.load(Z + s * stride_zs + hk * stride_zg + (h % R) * stride_zr + vv, mask=v_ok, other=0.0)
-        z = z.to(tl.float32)
-        wn = (tl.load(NORM_W + vv, mask=v_ok, other=0.0) * normed).to(tl.float32)
-        o = (wn * (z / (1.0 + tl.exp(-z)))).to(O.dtype.element_ty)
-    tl.store(O + s * stride_os + h * stride_oh + vv, o, mask=v_ok)
+    o_row = O + s * stride_os + h * stride_oh
+    if not NORM:
+        tl.store(o_row + vv, o, mask=v_ok)
+    else:
+        z_row = Z + s * stride_zs + hk * stride_zg + (h % R) * stride_zr
+        if BV >= DV:                               # this program holds the whole head
+            _gated_norm_store(o_row, o, z_row, NORM_W, vv, v_ok, eps, DV)
+        else:
+            tl.store(o_row + vv, o, mask=v_ok)
+            if arrive_last(COUNT + s * tl.num_programs(1) + h, tl.num_programs(2)):
+                cols = tl.arange(0, BDV)
+                ok = cols < DV
+                head = tl.load(o_row + cols, mask=ok, other=0.0, cache_modifier=".cg")
+                _gated_norm_store(o_row, head, z_row, NORM_W, cols, ok, eps, DV)
+
+
+# value columns per program; 32: a [128, 32] fp32 state tile per program, 128 programs per sequence at 80B-A3B
+DECODE_BLOCK_V = 32
 
 
 def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None, z=None, norm_weight=None,
-                       eps=0.0):
+                       eps=0.0, block_v=None):
     """Same contract as ops/gated_delta.gated_delta_decode (state updated in place); a, b [S, Hv] or
     [S, Hk, Hv / Hk] views with unit stride in the last dimension (read where they are). With z and norm_weight
     the output is Gated DeltaNet's gated RMSNorm of it, ops/norm.gated_rms_norm(o, z, norm_weight, eps), applied
@@ -101,23 +124,25 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
     o = torch.empty(S, Hv, dv, device=v.device, dtype=v.dtype)
     norm = z is not None
     if not norm:
-        z, norm_weight, BV = o, o, min(32, triton.next_power_of_2(dv))       # z, norm_weight: never read
+        z, norm_weight = o, o                                        # never read
         zs = (0, 0, 0)
     else:
         z = z.reshape(S, Hk, R, dv) if z.dim() == 3 else z          # a view for the checkpoint's grouped rows
         if z.shape != (S, Hk, R, dv) or z.stride(-1) != 1:
             raise ValueError(f"the norm's gate must be [S, Hv, dv] = {(S, Hv, dv)} with unit stride in dv, got "
                              f"{tuple(z.shape)}")
-        BV = triton.next_power_of_2(dv)                              # one program holds a whole head
         zs = (z.stride(0), z.stride(1), z.stride(2))
+    BV = min(block_v or DECODE_BLOCK_V, triton.next_power_of_2(dv))
+    n_vb = triton.cdiv(dv, BV)
+    count = counters(q.device, "gdn_decode", S * Hv) if norm and n_vb > 1 else o    # o: never touched
     pdl = launch_pdl(q)
-    _gdn_decode_kernel[(S, Hv, triton.cdiv(dv, BV))](
-        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o, z, norm_weight,  # fresh read as bool: no cast kernel
+    _gdn_decode_kernel[(S, Hv, n_vb)](
+        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o, z, norm_weight, count,  # fresh read as bool
         dk ** -0.5 if scale is None else scale, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), a.stride(0), a.stride(1),
         b.stride(0), b.stride(1), state.stride(0), state.stride(1), o.stride(0), o.stride(1), *zs,
-        R=R, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, NORM=norm, PDL=pdl,
-        num_warps=8 if norm else 4, launch_pdl=pdl)
+        R=R, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, BDV=triton.next_power_of_2(dv), NORM=norm,
+        PDL=pdl, num_warps=8 if BV >= 128 else 4, launch_pdl=pdl)
     return o
 
 
