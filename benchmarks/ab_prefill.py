@@ -8,6 +8,7 @@ Switches:
   experts     the routed experts as ops/triton_experts.py's kernels (on) or torch._grouped_mm (off)
   conv-split  our prefill conv writes GDN's q, k, v as three contiguous tensors (on) or one [N, C] output that
               fla's wrapper copies apart (off)
+  add-norm    a layer's residual add inside the norm after it, one Triton pass (on), or a torch add first (off)
 """
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ def _conv_split(on: bool) -> None:
     kernels.CONV_SPLIT_OUTPUT = on
 
 
-SWITCHES = {"experts": _experts, "conv-split": _conv_split}
+def _add_norm(on: bool) -> None:
+    kernels.FUSED_ADD_NORM = on
+
+
+SWITCHES = {"experts": _experts, "conv-split": _conv_split, "add-norm": _add_norm}
 
 
 @torch.inference_mode()

@@ -497,6 +497,9 @@ def check_prefill_glue():
             lambda: gdn_projections.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128)),
         "rms_norm zero-centred [4096, 2048]": (lambda: triton_norm.rms_norm(x, w, 1e-6, True),
                                                 lambda: ref_norm.rms_norm(x, w, 1e-6, True)),
+        "residual add + rms_norm [4096, 2048]": (
+            lambda: triton_norm.add_rms_norm(x, y[:T], w, 1e-6, True),
+            lambda: (x + y[:T], ref_norm.rms_norm(x + y[:T], w, 1e-6, True))),
         "gated rms_norm [4096, 32, 128]": (lambda: triton_norm.gated_rms_norm(o, z, wg, 1e-6),
                                            lambda: ref_norm.gated_rms_norm(o, z, wg, 1e-6)),
         "weighted swiglu [40960, 2x512]": (lambda: triton_grouped.weighted_swiglu(h, rw, I),
@@ -508,6 +511,8 @@ def check_prefill_glue():
     for name, (fused_fn, torch_fn) in cases.items():
         # bf16 vs bf16: the fused pass rounds once where torch rounds after each op
         record(f"{name}: fused vs torch (bf16)", rel(flat(fused_fn()), flat(torch_fn())), 1e-2)
+        if name.startswith("residual add"):       # the sum is x + h exactly, rounded as torch rounds it
+            record(f"{name}: the sum bit for bit", float(not torch.equal(fused_fn()[0], torch_fn()[0])), 0.5)
         with torch.inference_mode():
             tf, _ = bench.time_step(fused_fn)
             tt, _ = bench.time_step(torch_fn)

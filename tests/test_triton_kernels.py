@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 62, r.stdout
+    assert r.stdout.count("max error") == 64, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -136,11 +136,12 @@ def test_paged_attention_kernel_compiles_for_hopper(block_n):
     _assert_pdl(write)
 
 
-@pytest.mark.parametrize("mode", [0, 1, 2])
-def test_norm_kernel_compiles_for_hopper(mode):
+@pytest.mark.parametrize("mode,add", [(0, False), (1, False), (2, False), (0, True)])
+def test_norm_kernel_compiles_for_hopper(mode, add):
     from qwen3next.ops import triton_norm as n
-    k = _compile(n._rms_norm_kernel, {**_ptrs("X Wt G Y", "bf16"), **_ints("n_rows stride_x stride_g stride_y"),
-                                      "eps": "fp32"}, dict(N=2048, BLOCK_N=2048, ROWS=2, MODE=mode))
+    k = _compile(n._rms_norm_kernel, {**_ptrs("X Wt G Y RES SUM", "bf16"),
+                                      **_ints("n_rows stride_x stride_g stride_y stride_r stride_s"),
+                                      "eps": "fp32"}, dict(N=2048, BLOCK_N=2048, ROWS=2, MODE=mode, ADD=add))
     assert ".entry _rms_norm_kernel" in k.asm["ptx"]
 
 

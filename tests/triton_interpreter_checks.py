@@ -135,6 +135,12 @@ xs = torch.randn(5, 96)[:, ::2]
 check("rms_norm plain, strided rows", triton_norm.rms_norm(xs, w + 1, 1e-6, False),
       norm_ops.rms_norm(xs, w + 1, 1e-6, False), 1e-5)
 check("gated_rms_norm", triton_norm.gated_rms_norm(x, z, w + 1, 1e-6), norm_ops.gated_rms_norm(x, z, w + 1, 1e-6), 1e-5)
+# a residual add and the norm after it in one pass (fp32 here: the interpreter's bf16 rounding is not the GPU's;
+# benchmarks/check_gpu.py compares bf16 bit for bit)
+h = torch.randn_like(x)
+s_got, y_got = triton_norm.add_rms_norm(x, h, w, 1e-6, True)
+check("add_rms_norm sum", s_got, x + h, 1e-7)
+check("add_rms_norm norm", y_got, norm_ops.rms_norm(x + h, w, 1e-6, True), 1e-5)
 
 # the grouped experts' glue: weighted SwiGLU (intermediate not a power of two) and the combine back to tokens
 M, inter, N, kk, Hd = 37, 24, 9, 3, 40

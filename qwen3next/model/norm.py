@@ -22,6 +22,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps, self.zero_centered)
 
+    def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, this norm of it): a residual add and the norm after it, one pass on the eager GPU path."""
+        return kernels.add_rms_norm(x, h, self.weight, self.eps, self.zero_centered)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, zero_centered={self.zero_centered}"
 

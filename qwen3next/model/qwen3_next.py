@@ -53,8 +53,8 @@ class DecoderLayer(nn.Module):
             h = self.self_attn(h, cos, sin, layer_cache, meta)
         else:
             h = self.linear_attn(h, layer_cache, meta)
-        x = x + h
-        h = self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(x, h)     # x + h and its norm
+        h = self.mlp(h)
         router_logits = None
         if isinstance(h, tuple):
             h, router_logits = h

@@ -309,6 +309,20 @@ def rms_norm(x, weight, eps: float, zero_centered: bool):
     return _norm.rms_norm(x, weight, eps, zero_centered)
 
 
+# the eager GPU path's residual add inside the norm after it (ops/triton_norm.add_rms_norm); False: a torch add
+# then the norm (benchmarks/ab_prefill.py --switch add-norm)
+FUSED_ADD_NORM = True
+
+
+def add_rms_norm(x, h, weight, eps: float, zero_centered: bool):
+    """(x + h, rms_norm(x + h)): a residual add and the norm that follows it."""
+    if FUSED_ADD_NORM and "rms_norm" not in _overrides and _fused_elementwise_applies(x, h, weight):
+        from .triton_norm import add_rms_norm as fused
+        return fused(x, h, weight, eps, zero_centered)
+    s = x + h
+    return s, rms_norm(s, weight, eps, zero_centered)
+
+
 def gated_rms_norm(x, gate, weight, eps: float):
     if "gated_rms_norm" in _overrides:
         return _overrides["gated_rms_norm"](x, gate, weight, eps)

@@ -18,13 +18,19 @@ ZERO_CENTERED, PLAIN, GATED = 0, 1, 2
 
 
 @triton.jit
-def _rms_norm_kernel(X, Wt, G, Y, n_rows, stride_x, stride_g, stride_y, eps, N: tl.constexpr,
-                     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr):
+def _rms_norm_kernel(X, Wt, G, Y, RES, SUM, n_rows, stride_x, stride_g, stride_y, stride_r, stride_s, eps,
+                     N: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, MODE: tl.constexpr,
+                     ADD: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    if ADD:   # the residual sum first, rounded to x's dtype as `x + h` is, stored, then normed
+        x = (x.to(tl.float32) + tl.load(RES + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+        x = x.to(SUM.dtype.element_ty)
+        tl.store(SUM + r64 * stride_s + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
     w = tl.load(Wt + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     inv = tl.rsqrt(tl.sum(x * x, 1) / N + eps)
     y = x * inv[:, None]
@@ -43,21 +49,30 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 else t2.contiguous()
 
 
-def _launch(x, weight, gate, eps: float, mode: int) -> torch.Tensor:
+def _launch(x, weight, gate, eps: float, mode: int, residual=None):
     N = x.shape[-1]
     x2 = _rows(x, N)
     g2 = _rows(gate, N) if gate is not None else x2
+    r2 = _rows(residual, N) if residual is not None else x2
     y = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    s = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else y
     BLOCK_N = triton.next_power_of_2(N)
     ROWS = max(1, min(64, 4096 // BLOCK_N))
     grid = (triton.cdiv(x2.shape[0], ROWS),)
-    _rms_norm_kernel[grid](x2, weight, g2, y, x2.shape[0], x2.stride(0), g2.stride(0), y.stride(0), eps, N=N,
-                           BLOCK_N=BLOCK_N, ROWS=ROWS, MODE=mode, num_warps=8 if BLOCK_N >= 2048 else 4)
-    return y.view(x.shape)
+    _rms_norm_kernel[grid](x2, weight, g2, y, r2, s, x2.shape[0], x2.stride(0), g2.stride(0), y.stride(0),
+                           r2.stride(0), s.stride(0), eps, N=N, BLOCK_N=BLOCK_N, ROWS=ROWS, MODE=mode,
+                           ADD=residual is not None, num_warps=8 if BLOCK_N >= 2048 else 4)
+    return y.view(x.shape) if residual is None else (s.view(x.shape), y.view(x.shape))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool) -> torch.Tensor:
     return _launch(x, weight, None, eps, ZERO_CENTERED if zero_centered else PLAIN)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool):
+    """(x + h, rms_norm(x + h)) in one pass: a decoder layer's residual add and the norm after it (the add alone
+    was a torch kernel over [tokens, hidden] in every layer of a prefill)."""
+    return _launch(x, weight, None, eps, ZERO_CENTERED if zero_centered else PLAIN, residual=h)
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
