@@ -36,7 +36,7 @@ def _pdl(on: bool) -> None:
 
 
 def _gdn_norm(on: bool) -> None:
-    kernels.GDN_NORM_BLOCK_V = 32 if on else 128
+    kernels.GDN_NORM_BLOCK_V = None if on else 128
 
 
 SWITCHES = {"pdl": _pdl, "gdn-norm": _gdn_norm}

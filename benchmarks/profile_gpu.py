@@ -6,9 +6,10 @@ profiled as the bench times them: compiled layers replayed from a CUDA graph.
     python benchmarks/profile_gpu.py [--only prefill,prefill32k,b1,b64] [--lines] [--timeline]
 
 --lines also attributes the GPU time of each torch op to the line of our code that called it (a profile with
-Python stacks), which is how copies and elementwise kernels are traced back to their source. --timeline lists a decode step's
-kernels in the order the GPU ran them, with start, duration and the gap after the kernel before (negative where
-programmatic dependent launch overlaps them): where a step's time goes between kernels rather than in them.
+Python stacks), which is how copies and elementwise kernels are traced back to their source. --timeline lists a
+decode step's kernels in the order the GPU ran them, with start, duration and the gap after the kernel before
+(negative where programmatic dependent launch overlaps them): where a step's time goes between kernels rather than
+in them.
 """
 from __future__ import annotations
 

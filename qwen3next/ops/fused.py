@@ -39,9 +39,9 @@ def _inductor_options(x: torch.Tensor) -> dict:
     """Inductor's own kernels launched with programmatic dependent launch too (ops/pdl.py), for this compile only
     (torch.compile's options, not the process-wide config). Its kernels wait before reading what the kernel
     before them wrote and only then release their successor, the rule ops/pdl.py's kernels keep. H100, 8 layers,
-    batch 1 in CUDA graphs (benchmarks/ab_decode.py --switch pdl, 2026-11-23): PDL in our kernels alone made the step 0.96x as
-    long (bit-identical logits), in Inductor's too 0.92x; Inductor's PDL code differs from its plain code, and so
-    do the logits, by 4e-7 of the largest in fp32 (each graph deterministic)."""
+    batch 1 in CUDA graphs (benchmarks/ab_decode.py --switch pdl, 2026-11-23): PDL in our kernels alone made the
+    step 0.96x as long (bit-identical logits), in Inductor's too 0.92x; Inductor's PDL code differs from its plain
+    code, and so do the logits, by 4e-7 of the largest in fp32 (each graph deterministic)."""
     from . import pdl
     import torch._inductor.config as inductor_config
     if (DECODE["backend"] != "inductor" or not hasattr(inductor_config.triton, "enable_pdl")

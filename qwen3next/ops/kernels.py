@@ -82,16 +82,16 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, **kw):
     return _gdr.recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
 
 
-# The GDN decode kernel applies the gated norm itself for steps of up to this many sequences (None: any), with
-# this many value columns per program, the last of a head's programs to finish norming the head
-# (ops/triton_gdn.py); above, the norm runs after it (in a compiled layer Inductor fuses it with its neighbours).
-# H100, 8 layers in CUDA graphs, same process (benchmarks/ab_decode.py --switch gdn-norm, 2026-11-24): 32 columns
-# per program made the step 0.989x as long as one program per head (BV = 128, used until then) at one sequence;
-# at 16 sequences the norm in the kernel was 1.004x the norm after it, so the limit stays at one. (The kernel
-# alone, check_gpu.py --only gdn_decode: 1 / 16 / 64 sequences 17.7 / 26.8 / 119 us with the norm over several
-# programs, 18.3 / 36.6 / 142 us one program per head, 33.7 / 55.8 / 147 us as torch ops after it.)
+# The GDN decode kernel applies the gated norm itself for steps of up to this many sequences, its value columns
+# spread over several programs, the last of a head's programs to finish norming the head (ops/triton_gdn.py);
+# above, the norm runs after it (in a compiled layer Inductor fuses it with its neighbours). H100, 8 layers in
+# CUDA graphs, same process (benchmarks/ab_decode.py --switch gdn-norm, 2026-11-24): 32 columns per program made
+# the step 0.993x (4K) / 0.992x (32K) as long as one program per head (BV = 128, used until then) at one
+# sequence; at 16 sequences the norm in the kernel was 1.004x the norm after it, so the limit stays at one. (The
+# kernel alone, check_gpu.py --only gdn_decode: 1 / 16 / 64 sequences 17.7 / 26.8 / 119 us with the norm over
+# several programs, 18.3 / 36.6 / 142 us one program per head, 33.7 / 55.8 / 147 us as torch ops after it.)
 GDN_NORM_IN_KERNEL_MAX_SEQS = 1
-GDN_NORM_BLOCK_V = 32
+GDN_NORM_BLOCK_V = None        # value columns per program; None: ops/triton_gdn.DECODE_BLOCK_V (A/B runs set 128)
 
 
 def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, norm=None):
@@ -102,8 +102,7 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, norm=
         o = _overrides["gated_delta_decode"](q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
     elif _step_kernel_applies(q, k, v, a, b) and state.dtype == torch.float32:
         kernel = _gpu_kernel("gdn_decode", "triton_gdn", "gated_delta_decode")
-        limit = GDN_NORM_IN_KERNEL_MAX_SEQS
-        if norm is not None and (limit is None or q.shape[0] <= limit):       # the norm inside the kernel
+        if norm is not None and q.shape[0] <= GDN_NORM_IN_KERNEL_MAX_SEQS:       # the norm inside the kernel
             return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None, *norm, GDN_NORM_BLOCK_V)
         o = kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, None)
     else:
