@@ -317,6 +317,47 @@ def check_gdn_decode():
               f"{t_unfused / t_fused:>13.2f}", flush=True)
 
 
+def check_gdn_verify():
+    """The GDN verification kernel (T tokens per sequence, the state after each kept; ops/triton_gdn.py) against
+    the reference on 80B-A3B shapes, q, k, v as strided views of one conv output, and its time against the torch
+    recurrence the verification ran before (both in CUDA graphs)."""
+    from qwen3next import bench
+    from qwen3next.ops import gated_delta
+    from qwen3next.ops.triton_gdn import gated_delta_verify
+    Hk, Hv, dk, dv, T = 16, 32, 128, 128, 4
+    torch.manual_seed(0)
+    bw = bench.copy_bandwidth()
+    for S in (1, 16):
+        pool = torch.randn(S + 3, Hv, dk, dv, device="cuda") * 0.1
+        y = torch.randn(S, T, 2 * Hk * dk + Hv * dv, device="cuda").bfloat16()
+        q, k, v = y.split([Hk * dk, Hk * dk, Hv * dv], -1)
+        q, k, v = q.reshape(S, T, Hk, dk), k.reshape(S, T, Hk, dk), v.reshape(S, T, Hv, dv)
+        a, b = torch.randn(S, T, Hv, device="cuda").bfloat16(), torch.randn(S, T, Hv, device="cuda").bfloat16()
+        A_log, dt_bias = torch.randn(Hv, device="cuda"), torch.randn(Hv, device="cuda")
+        slots = torch.randperm(S + 3, device="cuda")[:S]
+        fresh = torch.zeros(S, dtype=torch.bool, device="cuda")
+        fresh[0] = S > 1
+        want_pool = pool.double()
+        want, want_states = gated_delta.gated_delta_verify(q.double(), k.double(), v.double(), a.double(),
+                                                           b.double(), A_log.double(), dt_bias.double(), want_pool,
+                                                           slots, fresh)
+        got_pool = pool.clone()
+        got, got_states = gated_delta_verify(q, k, v, a, b, A_log, dt_bias, got_pool, slots, fresh)
+        record(f"GDN verification kernel B={S} T={T}: output (bf16 in)", rel(got, want), 2e-2)
+        record(f"GDN verification kernel B={S} T={T}: states after every token", rel(got_states, want_states), 1e-3)
+        record(f"GDN verification kernel B={S} T={T}: state pool in place", rel(got_pool, want_pool), 1e-3)
+        with torch.inference_mode():
+            t_kernel, _ = bench.time_step(lambda: gated_delta_verify(q, k, v, a, b, A_log, dt_bias, pool, slots,
+                                                                     fresh))
+            t_torch, _ = bench.time_step(lambda: gated_delta.gated_delta_verify(q, k, v, a, b, A_log, dt_bias, pool,
+                                                                                slots, fresh))
+        floor = (T + 2) * S * Hv * dk * dv * 4 / bw          # read each state, write it T + 1 times
+        ROWS.append({"check": f"gdn verify timing B={S} T={T}", "kernel_us": t_kernel * 1e6,
+                     "torch_us": t_torch * 1e6, "floor_us": floor * 1e6, "ok": True})
+        print(f"  B={S} T={T}: kernel {t_kernel * 1e6:.1f} us, torch recurrence {t_torch * 1e6:.1f} us, floor "
+              f"{floor * 1e6:.1f} us", flush=True)
+
+
 def check_moe_decode():
     """The fused decode MoE (ops/triton_moe.py) against the fp32 reference on 80B-A3B shapes, and its time against
     the grouped-GEMM path + shared MLP and the bandwidth floor, each in a CUDA graph: the crossover sets
@@ -635,7 +676,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
-                    help="comma-separated sections: gdn,gdn_decode,moe,moe_decode,moe_prefill,gemv,conv,paged,prefill,"
+                    help="comma-separated sections: gdn,gdn_decode,gdn_verify,moe,moe_decode,moe_prefill,gemv,conv,paged,prefill,"
                          "e2e "
                          "(default: all; "
                          "gdn is the slow one)")
@@ -650,7 +691,7 @@ def main():
     from qwen3next.ops import kernels
     if args.no_fused_step_kernels:
         kernels.FUSED_STEP_KERNELS = False
-    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "moe", "moe_decode", "moe_prefill",
+    only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "gdn_verify", "moe", "moe_decode", "moe_prefill",
                                                         "gemv", "conv", "paged", "prefill", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
            "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
@@ -661,7 +702,8 @@ def main():
         pass
     print(env, flush=True)
     t = time.time()
-    for name, fn in (("gdn", check_gdn), ("gdn_decode", check_gdn_decode), ("moe", check_moe),
+    for name, fn in (("gdn", check_gdn), ("gdn_decode", check_gdn_decode), ("gdn_verify", check_gdn_verify),
+                     ("moe", check_moe),
                      ("moe_decode", check_moe_decode), ("moe_prefill", check_moe_prefill), ("gemv", check_gemv),
                      ("conv", check_conv), ("paged", check_paged_decode), ("prefill", check_prefill_glue),
                      ("e2e", check_end_to_end)):

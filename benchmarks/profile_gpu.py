@@ -134,20 +134,26 @@ def by_line(prof, n: int = 40) -> None:
 
 
 @torch.inference_mode()
-def top_kernels(model, T, B=1, ctx=0, ps=64, n=32, lines=False, trace=None):
+def top_kernels(model, T, B=1, ctx=0, ps=64, n=32, lines=False, trace=None, verify=False):
+    """verify: a speculative verification step of T tokens per sequence (T - 1 drafts; the GDN states after
+    every token kept, logits of every row, compiled layers in a CUDA graph), as the engine's graphs run it."""
     per_seq = _pages_for(ctx + T, ps)
     cache = HybridCache(model.config, B, B * per_seq, ps, torch.bfloat16, "cuda", include_mtp=False)
     meta = BatchMeta.build([T] * B, [ctx] * B, list(range(B)), [list(range(i * per_seq, (i + 1) * per_seq))
-                                                                for i in range(B)], ps, "cuda")
+                                                                for i in range(B)], ps, "cuda",
+                           keep_step_states=[True] * B if verify else None)
+    meta.fixed_shapes = verify
     # random tokens: identical ones would route every token to the same experts
     ids = torch.randint(0, model.config.vocab_size, (B * T,), device="cuda")
     keep = torch.arange(B, device="cuda") * T + T - 1          # logits of each sequence's last token, as served
+    if verify:
+        keep = torch.arange(B * T, device="cuda")
     step = (lambda: model(ids, cache=cache, meta=meta)) if T == 1 else \
         (lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep))
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    if T == 1:        # as the bench and the engine run it: the whole step replayed from a CUDA graph
+    if T == 1 or verify:   # as the bench and the engine run it: the whole step replayed from a CUDA graph
         step = capture_graph(step).replay
         print(f"  graph replay: {cuda_time(step, 3, 20) * 1e3:.3f} ms per step")
     else:
@@ -169,7 +175,8 @@ def top_kernels(model, T, B=1, ctx=0, ps=64, n=32, lines=False, trace=None):
 
 CASES = {"prefill": ("prefill 4K", dict(T=4096)), "prefill32k": ("prefill 32K", dict(T=32768)), "b1": ("decode b1 @4K", dict(T=1, ctx=4096)),
          "b1_32k": ("decode b1 @32K", dict(T=1, ctx=32768)),
-         "b64": ("decode b64 @4K", dict(T=1, B=64, ctx=4096))}
+         "b64": ("decode b64 @4K", dict(T=1, B=64, ctx=4096)),
+         "verify": ("verification of 3 drafts, b1 @4K", dict(T=4, ctx=4096, verify=True))}
 
 
 def main():
@@ -185,8 +192,9 @@ def main():
     for case in args.only.split(","):
         label, kw = CASES[case]
         print(f"== {label}")
-        for k, v in parts(model, **kw).items():
-            print(f"  {k:32s} {v * 1e3:8.3f} ms")
+        if not kw.get("verify"):
+            for k, v in parts(model, **kw).items():
+                print(f"  {k:32s} {v * 1e3:8.3f} ms")
         trace = None
         if args.timeline:
             os.makedirs(args.timeline, exist_ok=True)

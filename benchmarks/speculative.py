@@ -1,8 +1,9 @@
 """MTP speculative decoding through the engine with the default model: acceptance length and wall-clock speedup vs
 plain decoding, greedy, one request at a time (where speculation pays most), on the CPU or a GPU. Rows: plain
 decoding; k = 1, 2, 3 drafts with drafting forced on (speculative_adaptive=False); k = 2 with the adaptive
-policy (which drafts only where it measured a gain). On CUDA also plain decoding with eager layers
-(QWEN3NEXT_COMPILE=0), to show what the compiled decode layers give in the engine (which has no CUDA graphs).
+policy (which drafts only where it measured a gain). On CUDA the engine replays decode steps, MTP drafting and
+verification from CUDA graphs; two more rows switch the graphs off (plain and k = 2 forced), as the engine ran
+before it had graphs for speculation.
 
     python benchmarks/speculative.py [--device cpu|cuda] [--model PATH] [--tokens 96] [--out FILE.json]
 """
@@ -12,6 +13,7 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -36,35 +38,63 @@ def timed(llm: LLM, tokens: int) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
+def run_variant(args, name: str, k: int, adaptive: bool, graphs: bool) -> dict:
+    llm = LLM(args.model, device=args.device, speculative_tokens=k, speculative_adaptive=adaptive, cuda_graphs=graphs)
+    t, n = timed(llm, args.tokens)
+    row = {"variant": name, "k": k, "seconds": t, "tokens": n, "tokens_per_s": n / t}
+    if k:
+        st = llm.speculative_stats()
+        row.update(mean_accepted_length=st["mean_accepted_length"],
+                   per_position_acceptance=st["per_position_acceptance"], policy=st["policy"],
+                   disabled_steps=st["disabled_steps"], verify_steps=st["verify_steps"])
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--out", default=None, help="JSON (default benchmarks/results/speculative_<device>.json)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--only", default=None, help="comma-separated variant numbers to run (0 = plain, ...)")
+    ap.add_argument("--same-process", action="store_true",
+                    help="run every variant in this process (default on CUDA: each in a fresh process, since engines "
+                         "built one after another in one process measured different speeds: the fifth, adaptive, "
+                         "0.19x where a fresh process ran it near plain speed; H100, 2026-11-24)")
+    ap.add_argument("--variant", type=int, default=None, help=argparse.SUPPRESS)   # one variant, JSON to stdout
     args = ap.parse_args()
     dev = args.device
     out = args.out or f"benchmarks/results/speculative_{dev}.json"
-    variants = [("plain", 0, True, "1")]
+    variants = [("plain", 0, True, True)]
+    variants += [(f"k={k}, forced", k, False, True) for k in (1, 2, 3)] + [("k=2, adaptive", 2, True, True)]
     if dev == "cuda":
-        variants.append(("plain, eager layers", 0, True, "0"))
-    variants += [(f"k={k}, forced", k, False, "1") for k in (1, 2, 3)] + [("k=2, adaptive", 2, True, "1")]
-    rows, base = [], None
-    for name, k, adaptive, compile_flag in variants:
-        os.environ["QWEN3NEXT_COMPILE"] = compile_flag
-        llm = LLM(args.model, device=dev, speculative_tokens=k, speculative_adaptive=adaptive)
-        t, n = timed(llm, args.tokens)
-        base = base or (t, n)
-        row = {"variant": name, "k": k, "seconds": t, "tokens": n, "tokens_per_s": n / t,
-               "speedup": base[0] / t * n / base[1]}
-        if k:
-            st = llm.speculative_stats()
-            row.update(mean_accepted_length=st["mean_accepted_length"],
-                       per_position_acceptance=st["per_position_acceptance"], policy=st["policy"],
-                       disabled_steps=st["disabled_steps"], verify_steps=st["verify_steps"])
+        variants += [("plain, no CUDA graphs", 0, True, False), ("k=2, forced, no CUDA graphs", 2, False, False)]
+    if args.variant is not None:
+        print("ROW " + json.dumps(run_variant(args, *variants[args.variant])), flush=True)
+        return 0
+    chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(variants))
+    rows = []
+    for i in chosen:
+        if dev == "cuda" and not args.same_process:
+            cmd = [sys.executable, __file__, "--device", dev, "--tokens", str(args.tokens), "--variant", str(i)]
+            if args.model:
+                cmd += ["--model", args.model]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            if proc.returncode or not lines:
+                print(f"{variants[i][0]}: failed\n{proc.stderr[-2000:]}", flush=True)
+                continue
+            row = json.loads(lines[-1][4:])
+            row["warnings"] = [ln for ln in proc.stderr.splitlines() if "qwen3next" in ln or "failed" in ln][-10:]
+            for ln in row["warnings"]:
+                print(f"  [{row['variant']}] {ln[:300]}", flush=True)
+        else:
+            row = run_variant(args, *variants[i])
         rows.append(row)
-        print(f"{name}: {n / t:.1f} tokens/s", flush=True)
-    os.environ["QWEN3NEXT_COMPILE"] = "1"
+        print(f"{row['variant']}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
+    base = next((r for r in rows if r["variant"] == "plain"), rows[0])
+    for r in rows:
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
     print("| variant | tokens/s | speedup | mean accepted length | per-position acceptance | steps drafting / not |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -29,7 +29,9 @@ def test_bench_runs_end_to_end_on_cpu(on_cpu, tmp_path):
                 "decode_b1_over_floor", "speculative_b1_implied_speedup", "speculative_b2_implied_speedup"):
         assert math.isfinite(r[key]) and r[key] > 0, key
     sp = res["ours_next"]["speculative"]["b2"]
-    assert sp["round_ms"] == pytest.approx(sp["verify_whole_ms"] + sp["catch_up_ms"] + 2 * sp["draft_step_ms"])
+    assert sp["round_ms"] == pytest.approx(sp["verify_whole_ms"] + sp["drafting_ms"] + sp["commit_whole_ms"])
+    assert sp["verify_whole_ms"] == min(sp["verify_whole_ms_by_path"].values()) > 0
+    assert sp["verify_over_floor"] == pytest.approx(sp["verify_whole_ms"] / sp["verify_floor_ms"])
     assert sp["implied_speedup"] == pytest.approx(3.8 * sp["plain_step_ms"] / sp["round_ms"])
     saved = json.loads((tmp_path / "latest.json").read_text())
     assert saved["ratios"] == pytest.approx(r)
@@ -43,6 +45,18 @@ def test_decode_bytes_counts_distinct_experts():
     expert = 3 * 64 * 32 * 2
     # batch 1 reads 4 experts per layer; a huge batch reads all 64 (plus per-token state and embeddings)
     assert many - one > 4 * (64 - 4) * expert * 0.99
+
+
+def test_verify_bytes_read_each_sequence_once_and_keep_every_state():
+    cfg = ModelConfig(model_type="qwen3_next", num_hidden_layers=4, hidden_size=64, num_experts=64,
+                      num_experts_per_tok=4, moe_intermediate_size=32, vocab_size=100)
+    state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    gdn = sum(t != "full_attention" for t in cfg.layer_types)
+    # one token: a decode step plus the kept state; more tokens: the experts of all of them, the KV read once
+    assert bench.verify_bytes(cfg, 2, 300, 1) == pytest.approx(bench.decode_bytes(cfg, 2, 300) + 2 * gdn * state)
+    four = bench.verify_bytes(cfg, 1, 300, 4)
+    assert four > bench.decode_bytes(cfg, 1, 300)
+    assert four < bench.decode_bytes(cfg, 4, 300)            # not four sequences' KV and states
 
 
 def test_prefill_floor_is_the_slower_of_compute_and_weight_traffic_per_layer():

@@ -125,3 +125,17 @@ def test_decode_steps_above_max_tokens_run_the_eager_layers(tmp_path, compiled_o
         meta = BatchMeta.build([1] * B, [7] * B, list(range(B)), tables[:B], 8)
         model(torch.randint(0, 97, (B,)), cache=cache, meta=meta)
         assert (counters["stats"]["unique_graphs"] > 0) == compiled, B
+
+
+def test_gdn_verify_op_states_its_outputs_right():
+    """The custom op of the GDN verification kernel: its fake (what torch.compile plans with) must give the real
+    kernel's shapes and strides also for channels-first q, k, v, as the torch conv of a verification step leaves
+    them (a fake with v's strides made the compiled verification fail on the GPU, 2026-11-24)."""
+    from qwen3next.ops import custom_ops
+    S, T, Hk, Hv, dk, dv = 2, 3, 2, 4, 8, 8
+    y = torch.randn(S, 2 * Hk * dk + Hv * dv, T).transpose(1, 2)
+    q, k, v = y.split([Hk * dk, Hk * dk, Hv * dv], -1)
+    args = (q.reshape(S, T, Hk, dk), k.reshape(S, T, Hk, dk), v.reshape(S, T, Hv, dv), torch.randn(S, T, Hv),
+            torch.randn(S, T, Hv), torch.randn(Hv), torch.randn(Hv), torch.randn(4, Hv, dk, dv),
+            torch.tensor([3, 1]), torch.tensor([False, True]))
+    torch.library.opcheck(custom_ops.gdn_verify, args)

@@ -81,7 +81,7 @@ def _seq(slot, pages, computed):
 def test_padding_rows_and_page_table(ckpt):
     llm = make(ckpt, static=True, max_num_seqs=6, page_size=8, num_kv_pages=20)
     g: DecodeGraphs = llm.engine.runner.graphs
-    assert g.sizes == [1, 2, 4, 6] and (g.scratch_slot, g.scratch_page) == (6, 20) and g.width == 16
+    assert g.sizes == [1, 2, 4, 6] and (g.scratch_slot, g.scratch_page) == (6, 20) and g.pages.width == 16
     assert llm.engine.runner.cache.num_slots == 7 and llm.engine.runner.cache.num_pages == 21
     # three sequences -> bucket 4: one padding row
     a, b, c = _seq(0, [5], 3), _seq(2, [1, 7], 8), _seq(1, [3], 0)
@@ -89,7 +89,7 @@ def test_padding_rows_and_page_table(ckpt):
     assert logits.shape == (3, CFG.vocab_size) and hidden.shape == (3, CFG.hidden_size)
     m = g.buckets[4].meta
     assert m.q_lens == [1] * 4 and m.max_context_len == 128 and m.page_table.shape == (4, 16)
-    assert g.buckets[4].ids.tolist() == [13, 18, 10, 0]
+    assert g.buckets[4].views["ids"].tolist() == [13, 18, 10, 0]
     assert m.positions.tolist() == [3, 8, 0, 0]
     assert m.slots.tolist() == [0, 2, 1, 6]
     assert m.context_lens.tolist() == [4, 9, 1, 1]
@@ -108,7 +108,7 @@ def test_padding_rows_and_page_table(ckpt):
     d = _seq(2, [4, 6, 8, 10, 11], 33)
     values, extra = g.row_values(2, [a, d])
     assert values[8:12] == [0 * 16 + 1, 2 * 16 + 0, 9, 4] and len(extra) == 4    # update indices, then pages
-    g.mirror[0], g.mirror[2] = [5], [1, 7]                                       # as before row_values
+    g.pages.mirror[0], g.pages.mirror[2] = [5], [1, 7]                                       # as before row_values
     g.run([a, d])
     m = g.buckets[2].meta
     assert m.page_table[0, :2].tolist() == [5, 9] and m.page_table[1, :5].tolist() == [4, 6, 8, 10, 11]
@@ -200,3 +200,54 @@ def test_warm_up_touches_only_the_scratch_slot_and_page(ckpt):
     assert any(not torch.equal(b, a) for b, a in zip(before, after))           # the scratch was written
     assert 1 in runner.graphs.buckets
     assert tokens(llm.generate(ps, sps)) == ref
+
+
+def static_speculation(llm):
+    """The verification and MTP-drafting graphs' static path (run eagerly, as a GPU would replay it)."""
+    r, sp = llm.engine.runner, llm.engine.speculator
+    sp.graphs = r.speculation_graphs(sp.k, min(r.num_slots, sp.policy.disable_batch_size - 1), capture=False,
+                                     force=True)
+    return llm
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_graph_path_is_greedy_identical(ckpt, k):
+    """Verification and drafting through their static buffers (padded buckets, catch-ups of 1..k+1 positions,
+    older positions caught up through the graph q at a time or, past GRAPH_CATCH_UP_MAX, eagerly, the commit of
+    the kept GDN states) give plain decoding's tokens, also with chunked prefill beside them and under
+    preemption."""
+    ps = prompts([7, 30, 12, 80, 3], seed=4)
+    sps = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (16, 6, 16, 9, 12)]
+    ref = tokens(make(ckpt, static=False).generate(ps, sps))
+    spec = dict(max_num_seqs=5, speculative_tokens=k, speculative_adaptive=False)
+    for kw in ({}, {"max_num_batched_tokens": 24}, {"num_kv_pages": 18, "page_size": 8, "max_model_len": 96}):
+        llm = static_speculation(make(ckpt, static=True, **spec, **kw))
+        assert tokens(llm.generate(ps, sps)) == ref, kw
+        u = llm.engine.usage()
+        g = u["cuda_graphs"]
+        assert g["verification"]["replays"] > 0 and g["drafting"]["replays"] > 0
+        assert g["verification"]["commits"] == g["verification"]["replays"]
+        assert u["speculative"]["verify_steps"] >= g["verification"]["replays"]
+        assert u["pages_used"] == 0 and u["slots_used"] == 0
+        if "num_kv_pages" in kw:
+            assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_speculative_graph_path_accepts_like_the_eager_one():
+    """The trained default model drafts well: the graph path (catch-ups of up to k + 1 true positions) accepts
+    exactly what the eager path accepts, and both decode plain decoding's tokens."""
+    qs = [[{"role": "user", "content": f"What does {f} do?"}] for f in ("json.dumps", "re.compile", "math.sqrt")]
+    sp = SamplingParams(temperature=0, max_tokens=32)
+    kw = dict(device="cpu", dtype=torch.float64)
+    ref = tokens(LLM(**kw).chat(qs, sp))
+    eager = LLM(**kw, speculative_tokens=2, speculative_adaptive=False)
+    assert tokens(eager.chat(qs, sp)) == ref
+    llm = LLM(**kw, speculative_tokens=2, speculative_adaptive=False)
+    llm.engine.runner.graphs = llm.engine.runner.decode_graphs(capture=False)
+    static_speculation(llm)
+    assert tokens(llm.chat(qs, sp)) == ref
+    a, b = eager.speculative_stats(), llm.speculative_stats()
+    assert a["mean_accepted_length"] > 1.3 and a["accepted_tokens"] == b["accepted_tokens"]
+    g = llm.engine.usage()["cuda_graphs"]
+    # every drafting step verified by a graph; the prompts' older positions were caught up through it too
+    assert g["drafting"]["replays"] > g["verification"]["replays"] > 0

@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 64, r.stdout
+    assert r.stdout.count("max error") == 70, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -93,6 +93,18 @@ def test_gemv_kernel_compiles_for_hopper(dtype):
     k = _compile(m._gemv3_kernel, {**_ptrs("X W1 W2 W3 Y", dtype), **_ints("N1 N2 N3 K stride_w1 stride_w2 stride_w3")},
                  dict(BLOCK_N=2, BLOCK_K=2048, PDL=False))
     assert ".entry _gemv3_kernel" in k.asm["ptx"] and "griddepcontrol" not in k.asm["ptx"]
+
+
+def test_gdn_verify_kernel_compiles_for_hopper():
+    from qwen3next.ops import triton_gdn as g
+    k = _compile(g._gdn_verify_kernel,
+                 {**_ptrs("Q K V A B", "bf16"), **_ptrs("A_LOG DT_BIAS", "fp32"), "STATE": "*fp32", "SLOTS": "*i64",
+                  "FRESH": "*i1", "O": "*bf16", "STEPS": "*fp32", "scale": "fp32", "T": "i32",
+                  **_ints("sq_s sq_t sq_h sk_s sk_t sk_h sv_s sv_t sv_h sa_s sa_t sb_s sb_t ss_s ss_h so_s so_t so_h "
+                          "st_s st_t st_h")},
+                 dict(R=2, DK=128, DV=128, BK=128, BV=32, PDL=True))
+    assert ".entry _gdn_verify_kernel" in k.asm["ptx"]
+    _assert_pdl(k, loads_before_wait=True)         # the state tile is read before the wait
 
 
 @pytest.mark.parametrize("norm,block_v", [(False, 32), (True, 32), (True, 128)])

@@ -27,7 +27,7 @@ from qwen3next.ops import attention, conv1d, gated_delta, gdn_projections, moe, 
 from qwen3next.ops import norm as norm_ops  # noqa: E402
 from qwen3next.ops import cuda as cuda_ops  # noqa: E402
 from qwen3next.ops import triton_experts, triton_grouped, triton_norm  # noqa: E402
-from qwen3next.ops.triton_gdn import gated_delta_decode, split_and_gate  # noqa: E402
+from qwen3next.ops.triton_gdn import gated_delta_decode, gated_delta_verify, split_and_gate  # noqa: E402
 from qwen3next.ops.triton_attention import paged_decode_attention, write_kv  # noqa: E402
 from qwen3next.ops.triton_moe import moe_decode, route  # noqa: E402
 from qwen3next.ops.triton_gemv import gemv, gemv_multi  # noqa: E402
@@ -92,6 +92,23 @@ for block_v in (64, 16):
     got = gated_delta_decode(q, k, v, a, b, A_log, dt_bias, got_pool, slots, fresh, None, z, norm_w, 1e-6, block_v)
     check(f"gated_delta_decode + gated norm, {block_v} columns per program", got, want_normed, 1e-5)
     check(f"gated_delta_decode + gated norm, {block_v} columns per program, state", got_pool, want_pool, 1e-5)
+
+# Gated DeltaNet verification (T = 3 tokens per sequence, the state after each kept): q, k, v as strided views of
+# one conv output, as the model hands them over; a fresh sequence whose slot holds garbage
+# (token-major, and channels-first as the torch conv of a verification step leaves them)
+T = 3
+C = 2 * Hk * dk + Hv * dv
+for layout, y in (("token-major", torch.randn(S, T, C)), ("channels-first", torch.randn(S, C, T).transpose(1, 2))):
+    qv, kv_, vv = y.split([Hk * dk, Hk * dk, Hv * dv], -1)
+    qv, kv_, vv = qv.reshape(S, T, Hk, dk), kv_.reshape(S, T, Hk, dk), vv.reshape(S, T, Hv, dv)
+    a3, b3 = torch.randn(S, T, Hv) * 3, torch.randn(S, T, Hv)
+    want_pool, got_pool = pool.clone(), pool.clone()
+    want_o, want_states = gated_delta.gated_delta_verify(qv, kv_, vv, a3, b3, A_log, dt_bias, want_pool, slots,
+                                                         fresh)
+    got_o, got_states = gated_delta_verify(qv, kv_, vv, a3, b3, A_log, dt_bias, got_pool, slots, fresh)
+    check(f"gated_delta_verify output, {layout}", got_o, want_o, 1e-5)
+    check(f"gated_delta_verify states after every token, {layout}", got_states, want_states, 1e-5)
+    check(f"gated_delta_verify state pool (in place), {layout}", got_pool, want_pool, 1e-5)
 
 # paged decode attention: ragged contexts (1 token, a page boundary, several pages), GQA, with the batch's key
 # length as the bound and with a much larger bound (a CUDA graph captured for the longest context); blocks of a

@@ -67,14 +67,17 @@ class LLMEngine:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
         if speculative_tokens:
             from .speculative import Speculator
+            # on a GPU with graphs: MTP drafting and verification as CUDA graphs per batch-size bucket, up to the
+            # batch size at which drafting stops (graphs.py, draft_graphs.py)
+            drafts = self.runner.speculation_graphs(speculative_tokens,
+                                                    min(max_num_seqs, speculative_disable_batch_size - 1))
             self.speculator = Speculator(model, self.runner.cache, speculative_tokens, page_size,
-                                         speculative_disable_batch_size, speculative_adaptive)
+                                         speculative_disable_batch_size, speculative_adaptive, graphs=drafts)
             self.scheduler.on_preempt = self.speculator.forget
-            if self.runner.device.type == "cuda":
-                log.warning("speculative decoding on a GPU: this version verifies drafts without a CUDA graph, which "
-                            "measured 0.15x (slower) at batch 1 and 1.0-1.4x at batch 16-64 with 80B-A3B shapes on "
-                            "an H100 at the published acceptance; the adaptive policy switches drafting off where "
-                            "it measures a loss (README, Benchmarks)")
+            if self.runner.device.type == "cuda" and drafts is None:
+                log.warning("speculative decoding on a GPU without CUDA graphs: drafting and verification run "
+                            "eagerly, which is slower than plain decoding at small batches (README, Benchmarks); "
+                            "the adaptive policy switches drafting off where it measures a loss")
         # warm_up: on CUDA, compile the prefill kernels and capture the one-sequence decode graph now, not inside
         # the first requests (runner.warm_up)
         self.warm_up_s = self.runner.warm_up() if warm_up else 0.0
@@ -199,6 +202,8 @@ class LLMEngine:
         if rows:
             self._sample([batch.seqs[i] for i in rows], logits[[row_of[i].start for i in rows]])
         if pure_decode:
+            if self.runner.device.type == "cuda":    # the step's queued GPU work (the commit graph) is its cost
+                torch.cuda.current_stream(self.runner.device).synchronize()
             spec.policy.observe(len(batch.seqs), bool(verified), sum(len(s.delta_token_ids) for s in batch.seqs),
                                 time.perf_counter() - started)
         outputs = []
@@ -212,12 +217,12 @@ class LLMEngine:
     def _verify(self, verified, logits, row_of, hidden) -> None:
         """Accept drafts; commit each sequence's GDN state after its last kept token."""
         spec = self.speculator
-        for i, s, off in verified:
-            toks = spec.accept(s, logits[row_of[i]], self.generator)
-            self.runner.cache.commit_step_states(i, s.slot, len(toks) - 1)
+        accepted = spec.accept([(s, logits[row_of[i]]) for i, s, _ in verified], self.generator)
+        self.runner.commit_drafts([(i, s.slot, len(toks) - 1) for (i, s, _), toks in zip(verified, accepted)])
+        now = time.monotonic()
+        for (i, s, off), toks in zip(verified, accepted):
             s.num_computed += len(toks)
             spec.record(s, hidden[off:off + len(toks)])
-            now = time.monotonic()
             for t in toks:
                 self._append(s, t, 0.0, [], [], now)
                 if s.is_finished:
@@ -226,9 +231,8 @@ class LLMEngine:
                 self.cache.trim(s)          # pages that only held rejected drafts
         if spec.stats.verify_steps // 500 != (spec.stats.verify_steps - len(verified)) // 500:
             log.info("speculative decoding: %s", spec.stats.as_dict())
-        self.runner.cache.clear_step_states()
         for _, s, _ in verified:
-            s.spec_k, s.draft_tokens, s.draft_probs = 0, [], None
+            s.spec_k, s.draft_tokens = 0, []
 
     def _sample(self, seqs: list[Sequence], logits) -> None:
         """One new token for each sequence whose last known token was just computed."""

@@ -1,28 +1,31 @@
-"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+"""Decode and verification steps replayed from CUDA graphs, one graph per batch-size bucket.
 
 A small decode step on a GPU is bound by the host time of launching its kernels. A pure decode step (every
 sequence adds exactly its one last token, no drafts) has the same shapes every time for a given batch size, so it
 is captured once per bucket (1, 2, 4, 8, 16, 24, ... up to max_num_seqs) and replayed: a step of B sequences runs
-the graph of the smallest bucket >= B, the extra rows being padding.
+the graph of the smallest bucket >= B, the extra rows being padding. A speculative verification step (every
+sequence: its last token and k drafts, the GDN state kept after each) is the same with q = k + 1 tokens per row
+(`DecodeGraphs(drafts=k)`); after it, `commit` moves each sequence's state after its last accepted token into its
+slot by a second, small graph.
 
 Everything the graph reads lives in static device buffers, refilled before each replay:
-  - one flat int64 tensor, filled by ONE host->device copy per step: per row the input id, position, state slot
-    and KV row of the new token (slot_mapping), plus up to Bk page-table updates (below);
+  - one flat int64 tensor, filled by ONE host->device copy per step: per row the q input ids, positions and KV
+    rows of the new tokens (slot_mapping), its state slot, plus up to Bk page-table updates (below);
   - the page table is a device tensor indexed by state slot, [slots + 1, max_pages_per_seq], updated
-    incrementally (a decode step adds at most one page per sequence; the host keeps a mirror and sends only the
-    entries that changed, so a step never ships whole page-table rows); the graph gathers its rows by slot;
-  - context_lens = position + 1 and fresh = (position == 0) are computed inside the graph;
-  - cu_seqlens, token_seq, token_index are constants of a decode bucket; max_context_len is fixed to the
-    engine's max_model_len (the GPU attention's work follows the device-side context_lens).
+    incrementally (`PageTable`: the host keeps a mirror and sends only the entries that changed, so a step never
+    ships whole page-table rows); the graph gathers its rows by slot. One table serves every kind of graph;
+  - context_lens = first position + q and fresh = (first position == 0) are computed inside the graph;
+  - cu_seqlens, token_seq, token_index are constants of a bucket; max_context_len is fixed to the engine's
+    max_model_len (the GPU attention's work follows the device-side context_lens).
 Padding rows use a scratch state slot and a scratch KV page that the cache manager never hands out (the runner's
-HybridCache has one of each beyond what the manager knows): token 0 at position 0, fresh (zero state), so they are
-finite and identical to each other, and write only into the scratch slot and page.
+HybridCache has one of each beyond what the manager knows): token 0 at positions 0..q-1, fresh (zero state), so
+they are finite and identical to each other, and write only into the scratch slot and page.
 
 The model's forward is the same code as an eager step: `model(ids, cache=cache, meta=static_meta)`.
 `capture=False` runs the same static-buffer path eagerly (no graph): the CPU tests check the bucketing, padding
 and buffer logic that way. After capturing, a bucket replays its graph once on padding inputs and compares the
-logits with the eager step's. A capture that fails (or fails that check) logs one warning, and that bucket runs
-eagerly for good.
+outputs with the eager step's. A capture that fails (or fails that check) logs one warning, and that bucket runs
+eagerly for good. `StaticSteps` is that machinery; the MTP drafting graphs (engine/draft_graphs.py) use it too.
 """
 from __future__ import annotations
 
@@ -30,11 +33,11 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..model.cache import BatchMeta, HybridCache
+from ..model.cache import BatchMeta, GDNState, HybridCache
 
 log = logging.getLogger("qwen3next.engine")
 
@@ -56,63 +59,108 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return [b for b in [1, 2, 4, *range(8, top, 8)] if b < top] + [top]
 
 
+class PageTable:
+    """The KV page table by state slot on the device, [slots, width], and the host's mirror of it: graphs gather
+    their rows' pages from it, and the host sends only the entries that changed since the last step."""
+
+    def __init__(self, num_slots: int, width: int, scratch_slot: int, scratch_page: int, device):
+        self.width, self.scratch_slot, self.scratch_page = width, scratch_slot, scratch_page
+        # stale entries beyond a sequence's pages are never read (context_lens bounds it)
+        self.table = torch.full((num_slots, width), scratch_page, dtype=torch.long, device=device)
+        self.mirror: dict[int, list[int]] = {}                          # what `table` holds, per slot
+
+    def updates(self, seqs) -> list[tuple[int, int]]:
+        """(flat index, page) entries that bring the table up to date for `seqs`; the mirror assumes they will be
+        written before the next call."""
+        W, out = self.width, []
+        for s in seqs:
+            old, new = self.mirror.get(s.slot, []), s.pages
+            if old != new:                             # usually equal, or one page appended
+                j = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+                out += [(s.slot * W + i, new[i]) for i in range(j, len(new))]
+                self.mirror[s.slot] = list(new)
+        return out
+
+    def inline(self, updates: list[tuple[int, int]], size: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """The first `size` updates as [indices..., pages...] for a graph's update area (padded with no-op writes
+        to the scratch row), and the rest, which `write` applies before the replay."""
+        inline, extra = updates[:size], updates[size:]
+        inline += [(self.scratch_slot * self.width, self.scratch_page)] * (size - len(inline))
+        return [i for i, _ in inline] + [v for _, v in inline], extra
+
+    def write(self, updates: list[tuple[int, int]]) -> None:
+        if updates:   # a row new to its slot (a request's first graph step, a slot changing hands)
+            at, to = zip(*updates)
+            dev = self.table.device
+            self.table.view(-1).index_copy_(0, torch.tensor(at, device=dev), torch.tensor(to, device=dev))
+
+    def apply(self, update_at: torch.Tensor, update_to: torch.Tensor) -> None:
+        """Inside a graph: the inline updates."""
+        self.table.view(-1).index_copy_(0, update_at, update_to)
+
+
 @dataclass
-class _Bucket:
-    """The static views of one bucket of Bk rows (the flat input buffer is laid out per bucket)."""
+class Bucket:
+    """The static views of one bucket of `size` rows (the flat input buffer is laid out per bucket)."""
     size: int
-    ids: torch.Tensor          # [Bk]
-    positions: torch.Tensor    # [Bk]
-    slots: torch.Tensor        # [Bk]
-    update_at: torch.Tensor    # [Bk] flat index into the per-slot page table
-    update_to: torch.Tensor    # [Bk] page id written there
-    meta: BatchMeta
+    views: dict                # name -> view of the flat int64 input buffer
+    meta: BatchMeta | None = None
     graph: object = None       # torch.cuda.CUDAGraph once captured
-    logits: torch.Tensor | None = None   # outputs of the last run: [Bk, V], [Bk, H]
-    hidden: torch.Tensor | None = None
+    outputs: tuple = ()        # the static outputs of the last run
+    extra: dict = field(default_factory=dict)   # what a kind of graph keeps beside (e.g. the kept GDN states)
 
 
-class DecodeGraphs:
-    def __init__(self, model, cache: HybridCache, *, scratch_slot: int, scratch_page: int, page_size: int,
-                 max_model_len: int, max_batch: int, capture: bool = True):
+class StaticSteps:
+    """Steps of fixed shapes per batch-size bucket, fed through static buffers and captured as CUDA graphs.
+
+    A subclass says how a bucket's flat int64 inputs are laid out (`parts`: name -> length per row), how a batch
+    fills them (`row_values`) and what the graph computes (`forward`)."""
+
+    kind = "step"
+
+    def __init__(self, model, cache: HybridCache, pages: PageTable, *, max_model_len: int, max_batch: int,
+                 capture: bool = True):
         dev = model.model.embed_tokens.weight.device
-        if not (0 <= scratch_slot < cache.num_slots and 0 <= scratch_page < cache.num_pages):
-            raise ValueError("the scratch slot and page must exist in the cache")
-        self.model, self.cache, self.device, self.capture = model, cache, dev, capture
-        self.page_size, self.max_model_len = page_size, max_model_len
-        self.scratch_slot, self.scratch_page = scratch_slot, scratch_page
+        self.model, self.cache, self.pages, self.device, self.capture = model, cache, pages, dev, capture
+        self.page_size, self.max_model_len = cache.page_size, max_model_len
+        self.scratch_slot, self.scratch_page = pages.scratch_slot, pages.scratch_page
         self.sizes = bucket_sizes(max_batch)
         top = self.sizes[-1]
-        self.width = -(-max_model_len // page_size)                     # max pages per sequence
-        long = dict(dtype=torch.long, device=dev)
-        self.inputs = torch.zeros(6 * top, **long)                      # refilled by one copy per step
-        self.host = torch.zeros(6 * top, dtype=torch.long, pin_memory=dev.type == "cuda")
+        per_row = sum(self.parts().values())
+        self.inputs = torch.zeros(per_row * top, dtype=torch.long, device=dev)   # refilled by one copy per step
+        self.host = torch.zeros(per_row * top, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied = torch.cuda.Event() if dev.type == "cuda" else None   # the host buffer may be reused
-        # page table by state slot; stale entries beyond a sequence's pages are never read (context_lens bounds it)
-        self.slot_pages = torch.full((cache.num_slots, self.width), scratch_page, **long)
-        self.mirror: dict[int, list[int]] = {}                          # what slot_pages holds, per slot
-        self.page_table = torch.zeros(top, self.width, **long)
-        self.context_lens = torch.zeros(top, **long)
-        self.fresh = torch.zeros(top, dtype=torch.bool, device=dev)
-        self.arange = torch.arange(top + 1, **long)
-        self.zeros = torch.zeros(top, **long)
-        self.buckets: dict[int, _Bucket] = {}
+        self.arange = torch.arange(top + 1, dtype=torch.long, device=dev)
+        self.buckets: dict[int, Bucket] = {}
         self.pool = None
         self.failed_buckets: set[int] = set()
-        self.replays = 0            # decode steps run by this path (graph replays; static-path runs on CPU)
+        self.replays = 0            # steps run by this path (graph replays; static-path runs on CPU)
         self.padded_rows = 0
 
+    # ---- what a subclass says -------------------------------------------------------------------------------------
+    def parts(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def row_values(self, size: int, seqs) -> tuple[list[int], list[tuple[int, int]]]:
+        """The flat int64 inputs of a bucket of `size` rows for `seqs` (padded), in `parts` order, and the
+        page-table updates that do not fit in its update area."""
+        raise NotImplementedError
+
+    def setup(self, bk: Bucket) -> None:
+        """Per-bucket constants (meta) once its views exist."""
+
+    def forward(self, bk: Bucket) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def after_capture(self, bk: Bucket) -> None:
+        """What the capture's Python side produced that replays must see again (e.g. the kept GDN states)."""
+
     # ---- when -----------------------------------------------------------------------------------------------------
-    def applies(self, batch) -> bool:
-        """A pure decode step that fits: every sequence computes its last known token, no drafts, <= top bucket."""
-        B = len(batch.seqs)
-        if not B or B > self.sizes[-1] or self.bucket_for(B) in self.failed_buckets:
-            return False
-        for s, n in zip(batch.seqs, batch.num_tokens):
-            if n != 1 or (s.spec_k and s.draft_tokens) or s.num_computed + 1 != s.num_tokens:
-                return False
-            if len(s.pages) > self.width or s.num_tokens > self.max_model_len:
-                return False
-        return True
+    def bucket_for(self, batch_size: int) -> int:
+        return next(b for b in self.sizes if b >= batch_size)
+
+    def fits(self, batch_size: int) -> bool:
+        return 0 < batch_size <= self.sizes[-1] and self.bucket_for(batch_size) not in self.failed_buckets
 
     def prepare(self, batch_size: int) -> bool:
         """Capture the bucket of `batch_size` now (start-up warm-up) rather than at its first step; False if it
@@ -120,47 +168,58 @@ class DecodeGraphs:
         with self._on_device():
             return self._bucket(self.bucket_for(batch_size)) is not None
 
-    def bucket_for(self, batch_size: int) -> int:
-        return next(b for b in self.sizes if b >= batch_size)
-
     # ---- one step -------------------------------------------------------------------------------------------------
-    def run(self, seqs) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Logits [B, V] and hiddens [B, H] (views of static outputs: valid until the next run), or None when the
-        graph could not be made (graphs are off from then on; the caller runs the step eagerly)."""
+    def run_rows(self, seqs, before_replay=None) -> tuple[Bucket, tuple[torch.Tensor, ...]] | None:
+        """The bucket and its static outputs (valid until its next run) for `seqs`, or None when the graph could
+        not be made (the caller runs the step eagerly). `before_replay(bk)`: device work after the inputs are
+        filled and before the graph runs (in the stream order)."""
         B = len(seqs)
         with self._on_device():
             bk = self._bucket(self.bucket_for(B))
             if bk is None:
                 return None
             self._fill(bk, seqs)
+            if before_replay is not None:
+                before_replay(bk)
             if bk.graph is not None:
                 bk.graph.replay()
+                self.after_replay(bk)
             else:   # the same static-buffer path, run eagerly; outputs kept in static tensors as a graph's are
-                logits, hidden = self._forward(bk)
-                if bk.logits is None:
-                    bk.logits, bk.hidden = torch.empty_like(logits), torch.empty_like(hidden)
-                bk.logits.copy_(logits)
-                bk.hidden.copy_(hidden)
+                out = self.forward(bk)
+                if not bk.outputs:
+                    bk.outputs = tuple(torch.empty_like(t) for t in out)
+                for o, t in zip(bk.outputs, out):
+                    o.copy_(t)
         self.replays += 1
         self.padded_rows += bk.size - B
-        return bk.logits[:B], bk.hidden[:B]
+        return bk, bk.outputs
 
-    def _bucket(self, size: int) -> _Bucket | None:
+    def after_replay(self, bk: Bucket) -> None:
+        """Restore what the capture's Python side produced (subclasses)."""
+
+    def _bucket(self, size: int) -> Bucket | None:
         bk = self.buckets.get(size)
         if bk is not None:
             return bk
-        bk = self._views(size)
+        x = self.inputs
+        views, at = {}, 0
+        for name, n in self.parts().items():
+            views[name] = x[at:at + n * size]
+            at += n * size
+        bk = Bucket(size, views)
+        self.setup(bk)
         if self.capture:
             try:
                 started = time.perf_counter()
                 self._capture(bk)
-                log.info("captured the CUDA graph of decode batch %d in %.2f s", size, time.perf_counter() - started)
+                log.info("captured the CUDA graph of %s batch %d in %.2f s", self.kind, size,
+                         time.perf_counter() - started)
             except Exception as e:  # noqa: BLE001 - a capture failure must not take the engine down
                 # this bucket's steps run eagerly from now on; other buckets may still capture (e.g. an fp32 model
                 # whose experts take a host-synchronising path above some batch size)
                 self.failed_buckets.add(size)
-                log.warning("CUDA graph capture of decode batch %d failed (%s: %s); decode steps of this bucket run "
-                            "eagerly from now on", size, type(e).__name__, str(e)[:300])
+                log.warning("CUDA graph capture of %s batch %d failed (%s: %s); these steps run eagerly from now "
+                            "on", self.kind, size, type(e).__name__, str(e)[:300])
                 return None
         self.buckets[size] = bk
         return bk
@@ -170,79 +229,34 @@ class DecodeGraphs:
         engine may step from a thread whose current device is another one)."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
-    def _views(self, size: int) -> _Bucket:
-        x = self.inputs
-        part = lambda i: x[i * size:(i + 1) * size]  # noqa: E731
-        meta = BatchMeta(cu_seqlens=self.arange[:size + 1], positions=part(1), slots=part(2),
-                         page_table=self.page_table[:size], context_lens=self.context_lens[:size],
-                         fresh=self.fresh[:size], slot_mapping=part(3), token_seq=self.arange[:size],
-                         token_index=self.zeros[:size], q_lens=[1] * size,
-                         start_positions=[0] * size,       # host copy unused by decode steps (it changes per step)
-                         page_size=self.page_size, max_context_len=self.max_model_len)
-        return _Bucket(size, part(0), part(1), part(2), part(4), part(5), meta)
-
-    def _forward(self, bk: _Bucket) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the graph holds: page-table updates, the derived metadata, the model's forward (all rows' logits)."""
-        self.slot_pages.view(-1).index_copy_(0, bk.update_at, bk.update_to)
-        torch.index_select(self.slot_pages, 0, bk.slots, out=bk.meta.page_table)
-        torch.add(bk.positions, 1, out=bk.meta.context_lens)
-        torch.eq(bk.positions, 0, out=bk.meta.fresh)       # a decode token at position 0: a 1-token prompt
-        out = self.model(bk.ids, cache=self.cache, meta=bk.meta)
-        return out.logits, out.hidden_states
-
-    def _capture(self, bk: _Bucket) -> None:
+    def _capture(self, bk: Bucket) -> None:
         self._fill(bk, [])                             # every row padding: warm-up runs touch only the scratch
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(WARMUP_STEPS):
-                eager_logits = self._forward(bk)[0]
+                eager = self.forward(bk)[0]
         torch.cuda.current_stream().wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            bk.logits, bk.hidden = self._forward(bk)      # tensors of the graph's pool: its static outputs
+            bk.outputs = self.forward(bk)              # tensors of the graph's pool: its static outputs
+        self.after_capture(bk)
         # a replay of the padding inputs must give what the eager step gave (padding rows start from a zero state,
         # so both runs compute the same thing): a check that the graph reads its inputs from the static buffers
         graph.replay()
-        if not torch.allclose(bk.logits.float(), eager_logits.float(), rtol=1e-3, atol=1e-3):
-            err = (bk.logits.float() - eager_logits.float()).abs().max().item()
-            raise RuntimeError(f"the replayed graph's logits differ from the eager step's (max abs error {err:.3g})")
+        got = bk.outputs[0]
+        same = torch.equal(got, eager) if not got.is_floating_point() else \
+            torch.allclose(got.float(), eager.float(), rtol=1e-3, atol=1e-3)
+        if not same:
+            err = (got.double() - eager.double()).abs().max().item()
+            raise RuntimeError(f"the replayed graph's output differs from the eager step's (max abs error {err:.3g})")
         bk.graph = graph
 
-    # ---- static inputs --------------------------------------------------------------------------------------------
-    def row_values(self, size: int, seqs) -> tuple[list[int], list[tuple[int, int]]]:
-        """The flat int64 inputs of a bucket of `size` rows for `seqs` (padded), and the page-table updates that do
-        not fit in its update area (applied separately). Updates the page-table mirror."""
-        ps, W = self.page_size, self.width
-        ids, pos, slots, rows, updates = [], [], [], [], []
-        for s in seqs:
-            p = s.num_computed
-            ids.append(s.token_slice(p, p + 1)[0])
-            pos.append(p)
-            slots.append(s.slot)
-            rows.append(s.pages[p // ps] * ps + p % ps)
-            old, new = self.mirror.get(s.slot, []), s.pages
-            if old != new:                             # usually equal, or one page appended
-                j = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-                updates += [(s.slot * W + i, new[i]) for i in range(j, len(new))]
-                self.mirror[s.slot] = list(new)
-        pad = size - len(seqs)
-        ids += [0] * pad
-        pos += [0] * pad
-        slots += [self.scratch_slot] * pad
-        rows += [self.scratch_page * ps] * pad
-        inline, extra = updates[:size], updates[size:]
-        inline += [(self.scratch_slot * W, self.scratch_page)] * (size - len(inline))   # no-op writes
-        return ids + pos + slots + rows + [i for i, _ in inline] + [v for _, v in inline], extra
-
-    def _fill(self, bk: _Bucket, seqs) -> None:
+    def _fill(self, bk: Bucket, seqs) -> None:
         values, extra = self.row_values(bk.size, seqs)
-        if extra:   # a row new to its slot (a request's first graph step, a slot changing hands): written apart
-            at, to = zip(*extra)
-            self.slot_pages.view(-1).index_copy_(0, torch.tensor(at, device=self.device),
-                                                 torch.tensor(to, device=self.device))
+        self.pages.write(extra)
         n = len(values)
         if self.copied is not None:
             self.copied.synchronize()                  # the previous step's copy has left the pinned buffer
@@ -252,8 +266,148 @@ class DecodeGraphs:
         else:
             self.inputs[:n].copy_(torch.tensor(values, dtype=torch.long))
 
-    # ---- introspection --------------------------------------------------------------------------------------------
     def as_dict(self) -> dict:
         return {"buckets_captured": sorted(b for b, bk in list(self.buckets.items()) if bk.graph is not None),
                 "replays": self.replays, "padded_rows": self.padded_rows, "failed": sorted(self.failed_buckets),
                 "captured": self.capture}
+
+
+class DecodeGraphs(StaticSteps):
+    """Decode steps (drafts=0: one token per sequence) or speculative verification steps (drafts=k: the last
+    token and k drafts per sequence, the GDN states after every token kept), per batch-size bucket."""
+
+    def __init__(self, model, cache: HybridCache, pages: PageTable, *, max_model_len: int, max_batch: int,
+                 drafts: int = 0, capture: bool = True):
+        if drafts < 0:
+            raise ValueError(f"drafts must be >= 0, got {drafts}")
+        self.drafts, self.q = drafts, drafts + 1
+        self.kind = "decode" if drafts == 0 else f"verification (k={drafts})"
+        super().__init__(model, cache, pages, max_model_len=max_model_len, max_batch=max_batch, capture=capture)
+        self.keeps = torch.zeros(self.sizes[-1], dtype=torch.long, device=self.device)   # commit's input
+        self.commits = 0
+
+    def parts(self) -> dict[str, int]:
+        q = self.q
+        return {"ids": q, "positions": q, "slots": 1, "rows": q, "update_at": 1, "update_to": 1}
+
+    # ---- when -----------------------------------------------------------------------------------------------------
+    def applies(self, batch) -> bool:
+        """Every sequence computes its last known token (and, for verification, exactly k drafts after it), and
+        the batch fits a bucket that did not fail."""
+        if not self.fits(len(batch.seqs)):
+            return False
+        k = self.drafts
+        for s, n in zip(batch.seqs, batch.num_tokens):
+            d = len(s.draft_tokens) if s.spec_k else 0
+            if n != self.q or d != k or s.num_computed + 1 != s.num_tokens:
+                return False
+            if len(s.pages) > self.pages.width or s.num_tokens + k > self.max_model_len:
+                return False
+        return True
+
+    # ---- one step -------------------------------------------------------------------------------------------------
+    def run(self, seqs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits [B * q, V] and hiddens [B * q, H] (views of static outputs: valid until the next run), or None
+        when the graph could not be made (the caller runs the step eagerly)."""
+        got = self.run_rows(seqs)
+        if got is None:
+            return None
+        bk, (logits, hidden) = got
+        n = len(seqs) * self.q
+        return logits[:n], hidden[:n]
+
+    def setup(self, bk: Bucket) -> None:
+        size, q, v = bk.size, self.q, bk.views
+        dev = self.device
+        first = v["positions"].view(size, q)[:, 0]
+        bk.extra["first"] = first
+        bk.extra["page_table"] = torch.empty(size, self.pages.width, dtype=torch.long, device=dev)
+        bk.extra["context_lens"] = torch.empty(size, dtype=torch.long, device=dev)
+        bk.extra["fresh"] = torch.empty(size, dtype=torch.bool, device=dev)
+        seq = torch.arange(size, device=dev)
+        bk.meta = BatchMeta(cu_seqlens=self.arange[:size + 1] * q, positions=v["positions"], slots=v["slots"],
+                            page_table=bk.extra["page_table"], context_lens=bk.extra["context_lens"],
+                            fresh=bk.extra["fresh"], slot_mapping=v["rows"],
+                            token_seq=seq.repeat_interleave(q), token_index=torch.arange(q, device=dev).repeat(size),
+                            q_lens=[q] * size,
+                            start_positions=[0] * size,    # host copy unused by these steps (it changes per step)
+                            page_size=self.page_size, max_context_len=self.max_model_len,
+                            keep_step_states=[True] * size if self.drafts else None,
+                            fixed_shapes=True)
+
+    def forward(self, bk: Bucket) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the graph holds: page-table updates, the derived metadata, the model's forward (all rows' logits)."""
+        v, e = bk.views, bk.extra
+        self.pages.apply(v["update_at"], v["update_to"])
+        torch.index_select(self.pages.table, 0, v["slots"], out=e["page_table"])
+        torch.add(e["first"], self.q, out=e["context_lens"])
+        torch.eq(e["first"], 0, out=e["fresh"])        # a row starting at position 0: a 1-token prompt
+        out = self.model(v["ids"], cache=self.cache, meta=bk.meta)
+        return out.logits, out.hidden_states
+
+    def after_capture(self, bk: Bucket) -> None:
+        if self.drafts:   # the kept GDN states are tensors of the graph's pool, refilled by every replay
+            bk.extra["steps"] = {i: layer.steps for i, layer in enumerate(self.cache.layers)
+                                 if isinstance(layer, GDNState)}
+            bk.extra["step_batch"] = {i: self.cache.layers[i].step_batch for i in bk.extra["steps"]}
+            self.cache.clear_step_states()
+
+    def after_replay(self, bk: Bucket) -> None:
+        for i, steps in bk.extra.get("steps", {}).items():
+            layer = self.cache.layers[i]
+            layer.steps, layer.step_batch = steps, bk.extra["step_batch"][i]
+
+    # ---- after verification ---------------------------------------------------------------------------------------
+    def commit(self, keeps: list[int]) -> None:
+        """After a verification step run by `run`: sequence i's slot takes the GDN state after its token keeps[i]
+        (0 = the token before the drafts), in one graph (or its eager twin) for the whole bucket."""
+        bk = self.buckets.get(self.bucket_for(len(keeps))) if self.fits(len(keeps)) else None
+        if bk is None or not self.drafts:
+            raise RuntimeError("commit follows a verification step run through these graphs")
+        with self._on_device():
+            self.keeps[:bk.size].copy_(torch.tensor(keeps + [0] * (bk.size - len(keeps)), dtype=torch.long))
+            graph = bk.extra.get("commit_graph")
+            if graph is None and bk.graph is not None:
+                graph = bk.extra["commit_graph"] = self._capture_commit(bk)
+            if graph is not None:
+                graph.replay()
+            else:
+                self._commit(bk)
+        self.cache.clear_step_states()
+        self.commits += 1
+
+    def _commit(self, bk: Bucket) -> None:
+        rows, keep = self.arange[:bk.size], self.keeps[:bk.size]
+        for layer in self.cache.layers:
+            if isinstance(layer, GDNState) and layer.step_batch is not None:
+                conv, rec = layer.step_batch
+                layer.conv.index_copy_(0, bk.views["slots"], conv[rows, keep].to(layer.conv.dtype))
+                layer.recurrent.index_copy_(0, bk.views["slots"], rec[rows, keep].to(layer.recurrent.dtype))
+
+    def _capture_commit(self, bk: Bucket):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            self._commit(bk)
+        return graph
+
+    # ---- static inputs --------------------------------------------------------------------------------------------
+    def row_values(self, size: int, seqs) -> tuple[list[int], list[tuple[int, int]]]:
+        ps, q = self.page_size, self.q
+        ids, pos, slots, rows = [], [], [], []
+        for s in seqs:
+            p = s.num_computed
+            ids += s.token_slice(p, p + 1) + (list(s.draft_tokens) if self.drafts else [])
+            for j in range(q):
+                pos.append(p + j)
+                rows.append(s.pages[(p + j) // ps] * ps + (p + j) % ps)
+            slots.append(s.slot)
+        pad = size - len(seqs)
+        ids += [0] * (pad * q)
+        pos += list(range(q)) * pad
+        slots += [self.scratch_slot] * pad
+        rows += [self.scratch_page * ps + j % ps for j in range(q)] * pad
+        updates, extra = self.pages.inline(self.pages.updates(seqs), size)
+        return ids + pos + slots + rows + updates, extra
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), **({"commits": self.commits} if self.drafts else {})}

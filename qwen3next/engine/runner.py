@@ -2,8 +2,8 @@
 
 It turns a scheduled batch into packed input ids + BatchMeta, runs the model, and returns the logits of the
 sequences that need a new token (those whose last scheduled token is their last known token). On CUDA, pure
-decode steps are replayed from CUDA graphs captured per batch-size bucket (graphs.py); everything else runs
-eagerly.
+decode steps, and with speculative decoding uniform verification steps and MTP drafting, are replayed from CUDA
+graphs captured per batch-size bucket (graphs.py, draft_graphs.py); everything else runs eagerly.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import time
 import torch
 
 from ..model.cache import BatchMeta, HybridCache
-from .graphs import DecodeGraphs, graphs_enabled
+from .draft_graphs import DraftGraphs
+from .graphs import DecodeGraphs, PageTable, graphs_enabled
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("qwen3next.engine")
@@ -31,15 +32,39 @@ class ModelRunner:
                                  include_mtp=include_mtp)
         self.num_slots, self.num_pages, self.page_size = num_slots, num_pages, page_size
         self.max_model_len = max_model_len or num_pages * page_size
+        self._pages: PageTable | None = None        # the graphs' page table by slot (made with the first graphs)
         self.graphs: DecodeGraphs | None = self.decode_graphs() if graphs_enabled(self.device, cuda_graphs) else None
+        self.verify_graphs: DecodeGraphs | None = None    # speculation_graphs()
+        self.draft_graphs: DraftGraphs | None = None
+        self.verified_by_graph = False              # the last step was a verification through verify_graphs
         self.eager_steps = 0
+
+    @property
+    def pages(self) -> PageTable:
+        if self._pages is None:
+            self._pages = PageTable(self.num_slots + 1, -(-self.max_model_len // self.page_size),
+                                    scratch_slot=self.num_slots, scratch_page=self.num_pages, device=self.device)
+        return self._pages
 
     def decode_graphs(self, capture: bool = True) -> DecodeGraphs:
         """Decode steps through static buffers, captured in CUDA graphs (capture=False: the same path run eagerly,
         how the CPU tests check it)."""
-        return DecodeGraphs(self.model, self.cache, scratch_slot=self.num_slots, scratch_page=self.num_pages,
-                            page_size=self.page_size, max_model_len=self.max_model_len, max_batch=self.num_slots,
-                            capture=capture)
+        return DecodeGraphs(self.model, self.cache, self.pages, max_model_len=self.max_model_len,
+                            max_batch=self.num_slots, capture=capture)
+
+    def speculation_graphs(self, k: int, max_batch: int, capture: bool = True,
+                           force: bool = False) -> DraftGraphs | None:
+        """Verification steps of k drafts and MTP drafting as graphs per bucket of up to `max_batch` sequences;
+        only where decode steps use graphs (or `force`: capture=False on a CPU, for tests). Returns the drafting
+        graphs, which the speculator runs (None: none made)."""
+        if (self.graphs is None and not force) or max_batch < 1 or k < 1:
+            return None
+        max_batch = min(max_batch, self.num_slots)
+        self.verify_graphs = DecodeGraphs(self.model, self.cache, self.pages, max_model_len=self.max_model_len,
+                                          max_batch=max_batch, drafts=k, capture=capture)
+        self.draft_graphs = DraftGraphs(self.model, self.cache, self.pages, k=k, max_model_len=self.max_model_len,
+                                        max_batch=max_batch, capture=capture)
+        return self.draft_graphs
 
     @torch.inference_mode()
     def forward(self, batch: ScheduledBatch) -> tuple[torch.Tensor, dict[int, slice], torch.Tensor]:
@@ -47,11 +72,20 @@ class ModelRunner:
 
         A sequence gets logits rows when its last known token is in this step: one row, or 1 + k rows when it
         verifies k drafts (its drafts are appended to its tokens, and the GDN states after each are kept)."""
+        self.verified_by_graph = False
         if self.graphs is not None and self.graphs.applies(batch):
             out = self.graphs.run(batch.seqs)
             if out is not None:   # copies: the next replay overwrites the static outputs
                 logits, hidden = out
                 return (logits.to(torch.float32, copy=True), {i: slice(i, i + 1) for i in range(len(batch))},
+                        hidden.clone())
+        if self.verify_graphs is not None and self.verify_graphs.applies(batch):
+            out = self.verify_graphs.run(batch.seqs)
+            if out is not None:
+                logits, hidden = out
+                q = self.verify_graphs.q
+                self.verified_by_graph = True
+                return (logits.to(torch.float32, copy=True), {i: slice(i * q, (i + 1) * q) for i in range(len(batch))},
                         hidden.clone())
         self.eager_steps += 1
         seqs, counts = batch.seqs, batch.num_tokens
@@ -76,6 +110,18 @@ class ModelRunner:
         return out.logits.float(), rows, out.hidden_states
 
     @torch.inference_mode()
+    def commit_drafts(self, commits: list[tuple[int, int, int]]) -> None:
+        """After a verification step: (sequence index in the batch, its slot, index of its last kept token) for
+        every verifying sequence; its slot takes the GDN state after that token."""
+        if self.verified_by_graph:     # every sequence of the batch verified, in batch order
+            self.verify_graphs.commit([keep for _, _, keep in sorted(commits)])
+        else:
+            for i, slot, keep in commits:
+                self.cache.commit_step_states(i, slot, keep)
+            self.cache.clear_step_states()
+        self.verified_by_graph = False
+
+    @torch.inference_mode()
     def warm_up(self, force: bool = False) -> float:
         """Compile at start-up what a first request would otherwise wait for (on CUDA; `force` runs it anywhere,
         for tests): Triton compiles every kernel variant on its first use, and the prefill of one sequence takes
@@ -94,8 +140,9 @@ class ModelRunner:
             ids = torch.zeros(n * seqs, dtype=torch.long, device=self.device)
             self.model(ids, cache=self.cache, meta=meta, logits_to_keep=torch.tensor([n * seqs - 1],
                                                                                        device=self.device))
-        if self.graphs is not None:
-            self.graphs.prepare(1)
+        for graphs in (self.graphs, self.verify_graphs, self.draft_graphs):
+            if graphs is not None:
+                graphs.prepare(1)
         seconds = time.perf_counter() - started
         log.info("warm-up (prefill kernels, decode graph of one sequence) took %.1f s", seconds)
         return seconds
@@ -103,4 +150,8 @@ class ModelRunner:
     def graph_stats(self) -> dict | None:
         if self.graphs is None:
             return None
-        return {**self.graphs.as_dict(), "eager_steps": self.eager_steps}
+        out = {**self.graphs.as_dict(), "eager_steps": self.eager_steps}
+        if self.verify_graphs is not None:
+            out["verification"] = self.verify_graphs.as_dict()
+            out["drafting"] = self.draft_graphs.as_dict()
+        return out

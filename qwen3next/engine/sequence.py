@@ -71,7 +71,6 @@ class Sequence:
     # speculative decoding: drafts to verify in this step
     spec_k: int = 0
     draft_tokens: list[int] = field(default_factory=list)
-    draft_probs: object | None = None
     # what the last step added, for streaming
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

@@ -3,10 +3,13 @@ them (and the token before them) in one forward of k+1 positions, and the longes
 
 - Drafting: the MTP head at position p reads h_p (the main model's hidden) and t_{p+1} and predicts t_{p+2}. Before
   drafting, it catches up on every position whose true hidden it has not seen (its own KV stays exact there); the
-  first draft comes from the last true position, further drafts re-apply the head to its own hidden state.
-- Acceptance: rejection sampling (Leviathan et al. 2023; Chen et al. 2023): draft d ~ q is kept with probability
-  min(1, p(d)/q(d)); the first rejected one is replaced by a sample of norm(max(p - q, 0)); if all k survive, a bonus
-  token is drawn from p. The output distribution is exactly the target's; greedy rows reduce to "draft == argmax".
+  first draft comes from the last true position, further drafts re-apply the head to its own hidden state. Drafts
+  are greedy (the head's argmax), so on a GPU the catch-up and all k drafts run as one CUDA graph
+  (engine/draft_graphs.py) and the verification as another (engine/graphs.py).
+- Acceptance: rejection sampling (Leviathan et al. 2023; Chen et al. 2023) with a draft distribution q that puts
+  all its mass on the draft d: d is kept with probability min(1, p(d)/q(d)) = p(d); the first rejected one is
+  replaced by a sample of norm(max(p - q, 0)) (p without d); if all k survive, a bonus token is drawn from p. The
+  output distribution is exactly the target's; greedy rows reduce to "draft == argmax".
 - The recurrent state cannot be truncated: verification keeps the Gated DeltaNet state after every position and the
   engine commits the one after the last accepted token (HybridCache.commit_step_states). KV of rejected positions
   is simply overwritten later (it lies beyond the sequence's length).
@@ -25,6 +28,10 @@ import torch
 from ..model.cache import BatchMeta, HybridCache
 from ..ops.sampling import SamplingTensors, processed_logits
 from .sequence import Sequence
+
+
+# unseen positions up to this many per sequence are caught up through the drafting graph, q at a time
+GRAPH_CATCH_UP_MAX = 64
 
 
 class SpeculativeStats:
@@ -113,7 +120,7 @@ class SpeculationPolicy:
 
 class Speculator:
     def __init__(self, model, cache: HybridCache, k: int, page_size: int, disable_batch_size: int = 16,
-                 adaptive: bool = True):
+                 adaptive: bool = True, graphs=None):
         if model.mtp is None:
             raise ValueError("speculative_tokens needs a model with an MTP head (num_nextn_predict_layers >= 1)")
         if k < 1:
@@ -123,6 +130,7 @@ class Speculator:
         self.pending: dict[str, list[torch.Tensor]] = defaultdict(list)   # true hiddens the MTP has not seen
         self.mtp_done: dict[str, int] = defaultdict(int)                   # positions with exact MTP KV
         self.stats = SpeculativeStats(k)
+        self.graphs = graphs            # engine/draft_graphs.DraftGraphs (GPU) or None: drafting runs eagerly
 
     # ---- bookkeeping ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -148,11 +156,12 @@ class Speculator:
 
     # ---- drafting -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def draft(self, seqs: list[Sequence], shared_generator: torch.Generator) -> None:
-        """Set seq.draft_tokens (k each, k = seq.spec_k) and seq.draft_probs [k, V] for every sequence."""
+    def draft(self, seqs: list[Sequence], shared_generator: torch.Generator | None = None) -> None:
+        """Set seq.draft_tokens (seq.spec_k greedy drafts) for every sequence. (Greedy drafts draw no random
+        numbers: `shared_generator` is accepted for the engine's call and unused.)"""
         dev = self.model.model.embed_tokens.weight.device
-        # 1. catch up: positions mtp_done .. L-2 with their true hiddens, then the first draft from the last one
-        hid, nxt, q_lens, starts = [], [], [], []
+        q = self.k + 1
+        rows = []
         for s in seqs:
             L = s.num_tokens
             h = torch.cat(self.pending.pop(s.request_id))
@@ -160,70 +169,124 @@ class Speculator:
             if h.shape[0] != L - 1 - start:
                 raise RuntimeError(f"speculator out of step for request {s.request_id}: {h.shape[0]} hiddens for "
                                    f"positions {start}..{L - 2}")
-            hid.append(h)
-            nxt.extend(s.token_slice(start + 1, L))
-            q_lens.append(h.shape[0])
-            starts.append(start)
+            rows.append((s, start, h))
             self.mtp_done[s.request_id] = L - 1
-        meta = BatchMeta.build(q_lens, starts, [s.slot for s in seqs], [s.pages for s in seqs], self.page_size, dev)
-        logits, h_mtp, _ = self.model.mtp_forward(torch.cat(hid)[None], torch.tensor([nxt], device=dev),
-                                                  cache=self.cache, meta=meta)
-        last = meta.cu_seqlens[1:] - 1
-        logits, h_mtp = logits[0, last], h_mtp[0, last]
-        for s in seqs:
-            s.draft_tokens, s.draft_probs = [], []
-        active, j = seqs, 0
+        graphs = self.graphs
+        if graphs is not None and graphs.applies(seqs):
+            rows = self._catch_up_older(rows, dev)
+            out = graphs.run(rows)
+            if out is not None:
+                for s, toks in zip(seqs, out.tolist()):
+                    s.draft_tokens = toks[:s.spec_k]
+                return
+        self._draft_eagerly(rows, dev)
+
+    def _catch_up_older(self, rows, dev):
+        """The drafting graph catches up on at most q = k + 1 positions per sequence; older unseen positions
+        (after a prefill, or after steps without drafting) go first. A few of them run through the same graph, q
+        at a time, its drafts discarded (their keys land on positions the next piece rewrites): fixed shapes, so
+        nothing specialises anew, which an eager catch-up of a new length did (70 ms per call on an H100 with the
+        default model, 2026-11-24). Many of them (a prompt) run eagerly, as one prefill-like forward of the head."""
+        q = self.k + 1
+        many = [(s, p, h[:-q]) for s, p, h in rows if h.shape[0] > GRAPH_CATCH_UP_MAX]
+        if many:
+            self._catch_up(many, dev, want_logits=False)
+            rows = [(s, p + h.shape[0] - q, h[-q:]) if h.shape[0] > GRAPH_CATCH_UP_MAX else (s, p, h)
+                    for s, p, h in rows]
         while True:
-            st = SamplingTensors.from_params([s.params for s in active], [[]] * len(active), [[]] * len(active),
-                                             [s.generator for s in active], dev, logits.shape[-1],
-                                             shared_generator=shared_generator)
-            probs = torch.softmax(processed_logits(logits.float(), st), dim=-1)
-            toks = [_draw(probs[i], s, shared_generator) for i, s in enumerate(active)]
-            for i, s in enumerate(active):
-                s.draft_tokens.append(toks[i])
-                s.draft_probs.append(probs[i])
+            older = [i for i, (_, _, h) in enumerate(rows) if h.shape[0] > q]
+            if not older:
+                return rows
+            if self.graphs.run([(rows[i][0], rows[i][1], rows[i][2][:q]) for i in older]) is None:
+                self._catch_up([(rows[i][0], rows[i][1], rows[i][2][:q]) for i in older], dev, want_logits=False)
+            for i in older:
+                s, p, h = rows[i]
+                rows[i] = (s, p + q, h[q:])
+
+    def _catch_up(self, rows, dev, want_logits: bool = True):
+        """The MTP head over each row's true positions (KV written); logits and hidden at each row's last one."""
+        meta = BatchMeta.build([h.shape[0] for _, _, h in rows], [p for _, p, _ in rows],
+                               [s.slot for s, _, _ in rows], [s.pages for s, _, _ in rows], self.page_size, dev)
+        nxt = [t for s, p, h in rows for t in s.token_slice(p + 1, p + 1 + h.shape[0])]
+        last = meta.cu_seqlens[1:] - 1
+        logits, h_mtp, _ = self.model.mtp_forward(torch.cat([h for _, _, h in rows])[None],
+                                                  torch.tensor([nxt], device=dev), cache=self.cache, meta=meta,
+                                                  logits_to_keep=last if want_logits else last[:0])
+        return logits[0], h_mtp[0, last]
+
+    def _draft_eagerly(self, rows, dev) -> None:
+        """The same greedy drafts as the graph, one MTP forward per draft with the batch shrinking as sequences
+        reach their own spec_k (fewer drafts when the scheduler's budget or the context length cut it)."""
+        logits, h_mtp = self._catch_up(rows, dev)
+        active = [s for s, _, _ in rows]
+        for s in active:
+            s.draft_tokens = []
+        j = 0
+        while True:
+            toks = logits.argmax(-1).tolist()
+            for s, t in zip(active, toks):
+                s.draft_tokens.append(t)
             keep = [i for i, s in enumerate(active) if s.spec_k > j + 1]
             if not keep:
-                break
-            # 2. further drafts: the head again, fed its own hidden and its last draft, one position on
+                return
+            # further drafts: the head again, fed its own hidden and its last draft, one position on
             active = [active[i] for i in keep]
             sel = torch.tensor(keep, device=dev)
             meta = BatchMeta.build([1] * len(active), [s.num_tokens - 1 + j for s in active],
                                    [s.slot for s in active], [s.pages for s in active], self.page_size, dev)
-            lg, h_mtp, _ = self.model.mtp_forward(h_mtp[sel][None], torch.tensor([[toks[i] for i in keep]], device=dev),
-                                                  cache=self.cache, meta=meta)
-            logits, h_mtp = lg[0], h_mtp[0]
+            lg, h, _ = self.model.mtp_forward(h_mtp[sel][None], torch.tensor([[toks[i] for i in keep]], device=dev),
+                                              cache=self.cache, meta=meta)
+            logits, h_mtp = lg[0], h[0]
             j += 1
-        for s in seqs:
-            s.draft_probs = torch.stack(s.draft_probs) if s.draft_probs else None
 
     # ---- verification ---------------------------------------------------------------------------------------------
-    def accept(self, seq: Sequence, target_logits: torch.Tensor, shared_generator: torch.Generator) -> list[int]:
-        """target_logits [k+1, V]: the main model's logits at the token before the drafts and at each draft.
-        Returns the new tokens (accepted drafts + one more); updates the stats."""
-        k = len(seq.draft_tokens)
-        st = SamplingTensors.from_params([seq.params] * (k + 1), [[]] * (k + 1), [[]] * (k + 1),
-                                         [seq.generator] * (k + 1), target_logits.device, target_logits.shape[-1],
-                                         shared_generator=shared_generator)
-        p = torch.softmax(processed_logits(target_logits.float(), st), dim=-1)
-        out = []
-        for j, d in enumerate(seq.draft_tokens):
-            q = seq.draft_probs[j]
-            ratio = (p[j, d] / q[d]).item() if q[d] > 0 else 0.0
-            self.stats.proposed_at[j] += 1
-            if ratio >= 1.0 or _uniform(seq, shared_generator) < ratio:
-                out.append(d)
-                self.stats.accepted_at[j] += 1
-                continue
-            residual = (p[j] - q).clamp_min(0)
-            out.append(_draw(residual / residual.sum() if residual.sum() > 0 else p[j], seq, shared_generator))
-            break
-        else:
-            out.append(_draw(p[k], seq, shared_generator))      # every draft kept: a bonus token
-        self.stats.verify_steps += 1
-        self.stats.draft_tokens += k
-        self.stats.accepted_tokens += len(out) - 1
-        return out
+    def accept(self, verified: list[tuple[Sequence, torch.Tensor]], shared_generator: torch.Generator) -> list[list[int]]:
+        """verified: (sequence, its target logits [k+1, V]: the main model's logits at the token before the drafts
+        and at each draft). Returns each sequence's new tokens (accepted drafts + one more); updates the stats.
+        One softmax and one device-to-host copy for the whole batch; greedy rows need nothing else."""
+        seqs = [s for s, _ in verified]
+        counts = [len(s.draft_tokens) + 1 for s in seqs]
+        logits = torch.cat([lg for _, lg in verified])
+        st = SamplingTensors.from_params([s.params for s, n in zip(seqs, counts) for _ in range(n)],
+                                         [[]] * len(logits), [[]] * len(logits),
+                                         [s.generator for s, n in zip(seqs, counts) for _ in range(n)],
+                                         logits.device, logits.shape[-1], shared_generator=shared_generator)
+        p = torch.softmax(processed_logits(logits.float(), st), dim=-1)          # [R, V]
+        starts = [sum(counts[:i]) for i in range(len(seqs))]
+        draft_rows = [r + j for r, s in zip(starts, seqs) for j in range(len(s.draft_tokens))]
+        drafts = [d for s in seqs for d in s.draft_tokens]
+        idx = torch.tensor(draft_rows, dtype=torch.long, device=p.device)
+        # q(d) = 1: the acceptance ratio of draft d is p(d); greedy rows have p one-hot at their argmax
+        p_d, best = torch.cat([p[idx, torch.tensor(drafts, dtype=torch.long, device=p.device)],
+                               p.argmax(-1).to(p.dtype)]).tolist(), None
+        p_d, best = p_d[:len(drafts)], [int(b) for b in p_d[len(drafts):]]
+        out_all, at = [], 0
+        for s, r in zip(seqs, starts):
+            out = []
+            for j, d in enumerate(s.draft_tokens):
+                ratio = p_d[at + j]
+                self.stats.proposed_at[j] += 1
+                if ratio >= 1.0 or (ratio > 0.0 and _uniform(s, shared_generator) < ratio):
+                    out.append(d)
+                    self.stats.accepted_at[j] += 1
+                    continue
+                if s.params.greedy:
+                    out.append(best[r + j])
+                else:                                   # norm(max(p - q, 0)): p without the draft
+                    residual = p[r + j].clone()
+                    residual[d] = 0
+                    out.append(_draw(residual / residual.sum() if residual.sum() > 0 else p[r + j], s,
+                                     shared_generator))
+                break
+            else:                                       # every draft kept: a bonus token
+                k = len(s.draft_tokens)
+                out.append(best[r + k] if s.params.greedy else _draw(p[r + k], s, shared_generator))
+            at += len(s.draft_tokens)
+            self.stats.verify_steps += 1
+            self.stats.draft_tokens += len(s.draft_tokens)
+            self.stats.accepted_tokens += len(out) - 1
+            out_all.append(out)
+        return out_all
 
 
 def _draw(probs: torch.Tensor, seq: Sequence, shared: torch.Generator) -> int:

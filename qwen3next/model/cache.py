@@ -34,6 +34,7 @@ class BatchMeta:
     max_context_len: int         # key length the attention pads to (>= every context_lens entry)
     keep_step_states: list[bool] | None = None   # speculative verification: keep GDN states after every token
     cu_seqlens_cpu: torch.Tensor | None = None   # cu_seqlens on the host (fla's prefill kernels take it: no sync)
+    fixed_shapes: bool = False   # a step padded to a graph bucket: its shapes recur, so compiling it pays
     # the kind of step, decided once here: compiled decode layers read these bools, never the q_lens list (reading
     # a list inside torch.compile guards on its length and values, so every batch size would compile anew)
     is_decode: bool = field(init=False)   # one new token per sequence
@@ -89,6 +90,8 @@ class GDNState:
     recurrent: torch.Tensor      # [num_slots, Hv, dk, dv], fp32
     # after a speculative verification step: sequence index -> (conv [T, C, K-1], recurrent [T, Hv, dk, dv])
     steps: dict = field(default_factory=dict)
+    # the same states as two batched tensors ([S, T, ...]) when every sequence verified the same number of drafts
+    step_batch: tuple | None = None
 
 
 @dataclass
@@ -132,7 +135,7 @@ class HybridCache:
     def clear_step_states(self) -> None:
         for layer in self.layers:
             if isinstance(layer, GDNState):
-                layer.steps = {}
+                layer.steps, layer.step_batch = {}, None
 
     def zero_slots(self, slots) -> None:
         """A slot handed to a new sequence starts from a zero state."""

@@ -74,9 +74,7 @@ class GatedDeltaNet(nn.Module):
             fresh = meta.fresh[:, None, None]          # a sequence at position 0 never reads an old slot
             if keep_steps:
                 mixed, z, b, a = self._project(x)
-                conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
-                rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
-                o = self._forward_keeping_steps(mixed, b, a, conv_w, conv0, rec0, state, meta)
+                o = self._forward_keeping_steps(mixed, b, a, conv_w, state, meta)
                 return self.out_proj(self.norm(o, z).reshape(B, T, self.value_dim))
             # prompts from their first token (the usual prefill) start from zero states: no gather of old ones,
             # four ops fewer per layer for a host-bound prefill (the kernels take "no initial state")
@@ -125,24 +123,27 @@ class GatedDeltaNet(nn.Module):
                                        meta.slots, meta.fresh, norm=(z, self.norm.weight, self.norm.eps))
         return self.out_proj(o.reshape(1, S, self.value_dim))
 
-    def _forward_keeping_steps(self, mixed, b, a, conv_w, conv0, rec0, state: GDNState, meta: BatchMeta):
+    def _forward_keeping_steps(self, mixed, b, a, conv_w, state: GDNState, meta: BatchMeta):
         """Speculative verification: sequences flagged in meta.keep_step_states keep the conv and recurrent state
         after EVERY new token (state.steps[i]), so the engine can commit the state of the last accepted draft
-        without recomputing. The usual case (every sequence verifies the same number of drafts) runs as one batch;
-        mixed batches (prefill chunks beside verifications) run sequence by sequence."""
-        state.steps = {}
+        without recomputing. The usual case (every sequence verifies the same number of drafts) runs as one batch,
+        the delta rule as one kernel on GPU (ops/triton_gdn.gated_delta_verify); mixed batches (prefill chunks
+        beside verifications) run sequence by sequence."""
+        state.steps, state.step_batch = {}, None
         S, T = meta.num_seqs, meta.q_lens[0]
+        fresh = meta.fresh[:, None, None]
+        conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
         if all(meta.keep_step_states) and all(n == T for n in meta.q_lens):
             B = mixed.shape[1] // T
             y, conv_states = conv_ops.causal_conv1d(mixed.view(B, T, -1), conv_w, conv0, output_all_states=True)
             q, k, v = self._heads(y)
-            beta, g = gdr_ops.gates(b.view(B, T, -1), a.view(B, T, -1), self.A_log, self.dt_bias)
-            o, rec_states = gdr_ops.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
-                                                              output_all_states=True)
+            o, rec_states = kernels.gated_delta_verify(q, k, v, a.view(B, T, -1), b.view(B, T, -1), self.A_log,
+                                                       self.dt_bias, state.recurrent, meta.slots, meta.fresh)
             state.steps = {i: (conv_states[i], rec_states[i]) for i in range(S)}
+            state.step_batch = (conv_states, rec_states)
             state.conv[meta.slots] = conv_states[:, -1].to(state.conv.dtype)
-            state.recurrent[meta.slots] = rec_states[:, -1].to(state.recurrent.dtype)
             return o.reshape(1, B * T, *o.shape[2:])
+        rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
         outs = []
         bounds = [0, *itertools.accumulate(meta.q_lens)]
         for i, keep in enumerate(meta.keep_step_states):

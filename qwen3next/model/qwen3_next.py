@@ -75,7 +75,8 @@ def _layer_runner(meta):
     if meta is None or not meta.is_step:
         return _call_layer
     if meta.is_verify:
-        return verify_layer if fused.DECODE["verify"] else _call_layer
+        on = fused.DECODE["verify"]
+        return verify_layer if (on is True or (on == "auto" and meta.fixed_shapes)) else _call_layer
     return decode_layer
 
 
@@ -170,11 +171,12 @@ class CausalLM(nn.Module):
 
     def mtp_forward(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor | None = None,
                     cache: HybridCache | None = None, meta: BatchMeta | None = None,
-                    output_router_logits: bool = False):
+                    output_router_logits: bool = False, logits_to_keep: torch.Tensor | None = None):
         """hidden [B, T, H] = h_p (after the final norm), next_ids [B, T] = t_{p+1}.
 
         Returns (logits [B, T, V] predicting t_{p+2}, MTP hidden [B, T, H] (fed back for further drafts),
-        router logits). Without a cache, positions default to 0..T-1 (those of h_p)."""
+        router logits). Without a cache, positions default to 0..T-1 (those of h_p). `logits_to_keep`: the token
+        indices whose logits are wanted (logits [B, len, V])."""
         if self.mtp is None:
             raise ValueError("this model has no MTP head (config num_nextn_predict_layers = 0)")
         m = self.mtp
@@ -191,7 +193,8 @@ class CausalLM(nn.Module):
             if rl is not None:
                 routers.append(rl)
         h = m.norm(x)
-        return self.lm_head(h), h, (routers if output_router_logits else None)
+        logits = self.lm_head(h if logits_to_keep is None else h[:, logits_to_keep])
+        return logits, h, (routers if output_router_logits else None)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------------
     def num_parameters(self, include_mtp: bool = True) -> int:

@@ -140,6 +140,28 @@ def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale, z=None, norm_we
     return torch.empty_like(v)
 
 
+@torch.library.custom_op("qwen3next::gdn_verify", mutates_args=("state",))
+def gdn_verify(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+               A_log: torch.Tensor, dt_bias: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
+               fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops/triton_gdn.gated_delta_verify: T tokens per sequence, the state after each returned, the pool updated."""
+    from .triton_gdn import gated_delta_verify as kernel
+    return kernel(q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
+
+
+@gdn_verify.register_kernel("cpu")
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
+    from .gated_delta import gated_delta_verify as reference
+    o, states = reference(q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
+    return o, states.float()
+
+
+@gdn_verify.register_fake
+def _(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
+    S, T, Hv, dv = v.shape      # outputs are contiguous whatever v's strides (the conv leaves it channels-first)
+    return v.new_empty(S, T, Hv, dv), v.new_empty(S, T, Hv, q.shape[-1], dv, dtype=torch.float32)
+
+
 @torch.library.custom_op("qwen3next::gemv", mutates_args=())
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """ops/triton_gemv.gemv: one row x [..., K] times weight [N, K]ᵀ -> [..., N]."""

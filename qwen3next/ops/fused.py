@@ -23,10 +23,12 @@ log = logging.getLogger("qwen3next.ops")
 
 
 # decode-layer compilation settings; tests switch on CPU compilation with a cheap backend to check traceability.
-# "verify": compile speculative verification steps too. Off by default: their graph is compiled for static shapes
-# (Inductor's dynamic-shape code for it failed on an H100, torch 2.11), so every new context length would
-# recompile; it pays once the runner pads steps to fixed buckets (benchmarks turn it on to measure that case).
-DECODE = {"enabled": "auto", "backend": "inductor", "fullgraph": False, "verify": False, "max_tokens": 64}
+# "verify": compile speculative verification steps: "auto" = those with fixed shapes (the engine's CUDA graphs pad
+# them to buckets: BatchMeta.fixed_shapes), True = all, False = none. Their graph is compiled for static shapes
+# (Inductor's dynamic-shape code for it failed on an H100, torch 2.11), so a step of a new shape recompiles. H100,
+# 80B-A3B shapes, 8 layers, k = 3, batch 1 in a CUDA graph (benchmarks/speculative_gpu.py, 2026-11-24): 10.17 ms
+# compiled against 15.34 ms eager (whole-model scaled).
+DECODE = {"enabled": "auto", "backend": "inductor", "fullgraph": False, "verify": "auto", "max_tokens": 64}
 # "max_tokens": decode steps of more tokens run the eager layers (inside the engine's CUDA graphs all the same).
 # H100, 8 layers in CUDA graphs, `qwen3next bench` run 8 (2026-11-23), compiled vs eager ms per step: 80B-A3B
 # 0.90 / 1.05 at 1 sequence, 3.47 / 3.60 at 16, 8.71 / 8.73 at 64; dense Qwen3-32B 3.45 / 3.67, 4.41 / 4.67,

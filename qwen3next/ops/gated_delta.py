@@ -152,3 +152,19 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
                  output_final_state=True)
     state[slots] = h1.to(state.dtype)
     return o[:, 0]
+
+
+def gated_delta_verify(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None):
+    """A speculative verification step: T tokens per sequence (its last token and T - 1 drafts), keeping the
+    recurrent state after EVERY token, so that the engine can commit the one after the last accepted draft.
+
+    q, k [S, T, Hk, dk], v [S, T, Hv, dv] (after the conv; l2-normalised here), a, b [S, T, Hv] (raw gates),
+    state [num_slots, Hv, dk, dv] fp32 pool, slots [S], fresh [S] bool. Returns o [S, T, Hv, dv] in v's dtype and
+    the states [S, T, Hv, dk, dv] (fp32; fp64 for fp64 inputs); each slot takes the state after its last token, in
+    place. The GPU version (ops/triton_gdn.py) reads each state once and writes it T + 1 times."""
+    S, T = v.shape[:2]
+    beta, g = gates(b.reshape(S, T, -1), a.reshape(S, T, -1), A_log, dt_bias)
+    h0 = state[slots].masked_fill(fresh[:, None, None, None], 0)
+    o, states = recurrent_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=h0, output_all_states=True)
+    state[slots] = states[:, -1].to(state.dtype)
+    return o, states

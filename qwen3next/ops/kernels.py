@@ -115,6 +115,18 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, norm=
     return gated_rms_norm(o, z.reshape(o.shape), weight, eps)
 
 
+def gated_delta_verify(q, k, v, a, b, A_log, dt_bias, state, slots, fresh):
+    """A speculative verification step of T tokens per sequence: (o [S, T, Hv, dv], the states after every token
+    [S, T, Hv, dk, dv]); each slot takes the state after its last token (ops/gated_delta.gated_delta_verify)."""
+    if _step_kernel_applies(q, k, v, a, b) and state.dtype == torch.float32:
+        # token-major q, k, v (the torch conv leaves them channels-first): one layout for the traced op and the
+        # buffers Inductor hands it (they disagreed, and the compiled verification failed; H100, 2026-11-24)
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        return _gpu_kernel("gdn_verify", "triton_gdn", "gated_delta_verify")(q, k, v, a, b, A_log, dt_bias, state,
+                                                                              slots, fresh)
+    return _gdr.gated_delta_verify(q, k, v, a, b, A_log, dt_bias, state, slots, fresh)
+
+
 # Routed experts of prefill chunks (and of steps above MOE_DECODE_MAX_TOKENS) run as ops/triton_experts.py's
 # kernels: the assignments sorted and cut into tiles on the device, x's rows gathered and SwiGLU applied inside
 # the GEMMs. H100, 80B-A3B shapes, in CUDA graphs (benchmarks/check_gpu.py --only moe_prefill, 2026-11-24):

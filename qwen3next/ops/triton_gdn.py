@@ -146,6 +146,76 @@ def gated_delta_decode(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
     return o
 
 
+# ---- speculative verification: T tokens per sequence, the state after each kept ---------------------------------
+@triton.jit
+def _gdn_verify_kernel(Q, K, V, A, B, A_LOG, DT_BIAS, STATE, SLOTS, FRESH, O, STEPS, scale, T,
+                       sq_s, sq_t, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h, sa_s, sa_t, sb_s, sb_t, ss_s, ss_h,
+                       so_s, so_t, so_h, st_s, st_t, st_h, R: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, PDL: tl.constexpr):
+    """Grid (sequence, value head, block of BV value columns): the decode kernel's update, T times, with the
+    [dk, BV] state tile kept in registers between tokens and stored after each into STEPS [S, T, Hv, dk, dv]."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    vb = tl.program_id(2)
+    hk = h // R
+    kk = tl.arange(0, BK)
+    vv = vb * BV + tl.arange(0, BV)
+    k_ok = kk < DK
+    v_ok = vv < DV
+    m = k_ok[:, None] & v_ok[None, :]
+    tile = kk[:, None] * DV + vv[None, :]
+    slot = tl.load(SLOTS + s).to(tl.int64)
+    carry = tl.load(FRESH + s).to(tl.int32) == 0
+    ptr = STATE + slot * ss_s + h * ss_h + tile
+    S = tl.load(ptr, mask=m & carry, other=0.0)
+    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
+    decay = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
+    wait_for_predecessor(PDL)
+    s64 = s.to(tl.int64)
+    for t in range(T):
+        q = tl.load(Q + s64 * sq_s + t * sq_t + hk * sq_h + kk, mask=k_ok, other=0.0).to(tl.float32)
+        k = tl.load(K + s64 * sk_s + t * sk_t + hk * sk_h + kk, mask=k_ok, other=0.0).to(tl.float32)
+        v = tl.load(V + s64 * sv_s + t * sv_t + h * sv_h + vv, mask=v_ok, other=0.0).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6) * scale
+        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+        a = tl.load(A + s64 * sa_s + t * sa_t + h).to(tl.float32) + dt_bias
+        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(a)))    # torch's softplus (threshold 20)
+        beta = tl.sigmoid(tl.load(B + s64 * sb_s + t * sb_t + h).to(tl.float32))
+        S = S * tl.exp(decay * softplus)
+        u = beta * (v - tl.sum(S * k[:, None], 0))
+        S = S + k[:, None] * u[None, :]
+        o = tl.sum(S * q[:, None], 0)
+        tl.store(O + s64 * so_s + t * so_t + h * so_h + vv, o.to(O.dtype.element_ty), mask=v_ok)
+        tl.store(STEPS + s64 * st_s + t * st_t + h * st_h + tile, S, mask=m)
+    tl.store(ptr, S, mask=m)
+
+
+def gated_delta_verify(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale=None):
+    """Same contract as ops/gated_delta.gated_delta_verify: q, k [S, T, Hk, dk], v [S, T, Hv, dv] (views; copied
+    where the last dimension is strided), a, b [S, T, Hv]; returns o [S, T, Hv, dv] and the fp32 states
+    [S, T, Hv, dk, dv], the pool's slots updated to the last. Replaces the torch recurrence, whose 2T matrix-vector
+    products read each state from memory again (H100 profile of a verification, 2026-11-24)."""
+    S, T, Hk, dk = q.shape
+    Hv, dv = v.shape[2], v.shape[3]
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("the recurrent state pool must be contiguous fp32")
+    # the torch conv of a verification step leaves its output channels-first: a copy of a few tokens
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    a, b = (t.reshape(S, T, Hv) for t in (a, b))
+    a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (a, b))
+    o = torch.empty(S, T, Hv, dv, device=v.device, dtype=v.dtype)
+    steps = torch.empty(S, T, Hv, dk, dv, device=v.device, dtype=torch.float32)
+    BV = min(DECODE_BLOCK_V, triton.next_power_of_2(dv))
+    pdl = launch_pdl(q)
+    _gdn_verify_kernel[(S, Hv, triton.cdiv(dv, BV))](
+        q, k, v, a, b, A_log, dt_bias, state, slots, fresh, o, steps, dk ** -0.5 if scale is None else scale, T,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+        v.stride(2), a.stride(0), a.stride(1), b.stride(0), b.stride(1), state.stride(0), state.stride(1),
+        o.stride(0), o.stride(1), o.stride(2), steps.stride(0), steps.stride(1), steps.stride(2),
+        R=Hv // Hk, DK=dk, DV=dv, BK=triton.next_power_of_2(dk), BV=BV, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return o, steps
+
+
 # ---- prefill: the input projections unpacked and gated in one pass ---------------------------------------------
 @triton.jit
 def _split_gate_kernel(QKVZ, BA, A_LOG, DT_BIAS, MIXED, Z, BETA, G, N, stride_x, stride_ba, stride_m, stride_z,
