@@ -202,7 +202,8 @@ class LLMEngine:
         if rows:
             self._sample([batch.seqs[i] for i in rows], logits[[row_of[i].start for i in rows]])
         if pure_decode:
-            if self.runner.device.type == "cuda":    # the step's queued GPU work (the commit graph) is its cost
+            if spec.policy.adaptive and self.runner.device.type == "cuda":   # the step's queued GPU work (the
+                # commit graph) is part of its cost
                 torch.cuda.current_stream(self.runner.device).synchronize()
             spec.policy.observe(len(batch.seqs), bool(verified), sum(len(s.delta_token_ids) for s in batch.seqs),
                                 time.perf_counter() - started)
