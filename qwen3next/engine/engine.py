@@ -21,7 +21,7 @@ from .cache import CacheManager
 from .runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import RequestOutput, Sequence, Status
+from .sequence import RequestOutput, Sequence
 from .stop import StopChecker
 
 log = logging.getLogger("qwen3next.engine")

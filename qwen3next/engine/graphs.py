@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
@@ -110,7 +111,7 @@ class Bucket:
     extra: dict = field(default_factory=dict)   # what a kind of graph keeps beside (e.g. the kept GDN states)
 
 
-class StaticSteps:
+class StaticSteps(ABC):
     """Steps of fixed shapes per batch-size bucket, fed through static buffers and captured as CUDA graphs.
 
     A subclass says how a bucket's flat int64 inputs are laid out (`parts`: name -> length per row), how a batch
@@ -138,19 +139,21 @@ class StaticSteps:
         self.padded_rows = 0
 
     # ---- what a subclass says -------------------------------------------------------------------------------------
+    @abstractmethod
     def parts(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Per-row lengths of the flat int64 input parts, in order."""
 
+    @abstractmethod
     def row_values(self, size: int, seqs) -> tuple[list[int], list[tuple[int, int]]]:
         """The flat int64 inputs of a bucket of `size` rows for `seqs` (padded), in `parts` order, and the
         page-table updates that do not fit in its update area."""
-        raise NotImplementedError
 
     def setup(self, bk: Bucket) -> None:
         """Per-bucket constants (meta) once its views exist."""
 
+    @abstractmethod
     def forward(self, bk: Bucket) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
+        """What the graph computes; returns its outputs (the first is the capture check's)."""
 
     def after_capture(self, bk: Bucket) -> None:
         """What the capture's Python side produced that replays must see again (e.g. the kept GDN states)."""

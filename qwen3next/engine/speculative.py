@@ -160,7 +160,6 @@ class Speculator:
         """Set seq.draft_tokens (seq.spec_k greedy drafts) for every sequence. (Greedy drafts draw no random
         numbers: `shared_generator` is accepted for the engine's call and unused.)"""
         dev = self.model.model.embed_tokens.weight.device
-        q = self.k + 1
         rows = []
         for s in seqs:
             L = s.num_tokens
