@@ -179,6 +179,14 @@ def check_conv():
         record(f"our causal conv1d lens={lens}, q, k, v apart (contiguous: {ok})",
                rel(torch.cat(parts, -1), yr) if ok else 1.0, 2e-2)
         record(f"our causal conv1d lens={lens} final state", rel(h2, hr), 1e-6)
+        # q and k l2-normalised per 128-channel head in the same pass (what the model's prefill hands fla)
+        normed, _ = triton_conv.causal_conv1d(x, w, h0, meta.cu_seqlens, meta.token_seq, meta.token_index,
+                                              split_qk=2048, l2norm_head=128)
+        from qwen3next.ops.gated_delta import l2norm
+        rq, rk, rv = yr.split([2048, 2048, C - 4096], -1)
+        rq, rk = (l2norm(t.reshape(*t.shape[:-1], 16, 128)).reshape(t.shape) for t in (rq, rk))
+        record(f"our causal conv1d lens={lens}, q, k l2-normed in the pass", rel(torch.cat(normed, -1),
+                                                                                 torch.cat([rq, rk, rv], -1)), 2e-2)
     # the decode step (ops/triton_conv.causal_conv1d_step): pool updated in place, shuffled slots, a fresh sequence
     from qwen3next.ops import triton_conv
     for S in (1, 16, 64):
@@ -204,6 +212,32 @@ def check_conv():
         got = triton_conv.causal_conv1d_step(qkvz, w, pool, slots, fresh, qkvz_layout=(hk, dk, rdv))
         record("conv decode step reading grouped qkvz rows: output", rel(got, want), 2e-2)
         record("conv decode step reading grouped qkvz rows: state pool", rel(pool, want_pool), 1e-2)
+
+
+def check_sdpa():
+    """The steered prefill attention (ops/sdpa.py) against fp32 math at Qwen3-Next's heads: FlashAttention below
+    4K tokens, cuDNN on a padded bucket (5,021 -> 6,144 tokens), a later chunk's bottom-right causal bias."""
+    from qwen3next.ops import sdpa
+    torch.manual_seed(0)
+
+    def qkv(n, ctx):
+        return (torch.randn(1, 16, n, 256, device="cuda", dtype=torch.bfloat16),
+                *(torch.randn(1, 2, ctx, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2)))
+
+    def math(q, k, v, n, ctx):
+        kr, vr = (t.float().repeat_interleave(8, 1) for t in (k, v))
+        s = (q.float() @ kr.transpose(-1, -2)) / 16.0
+        mask = torch.arange(ctx, device="cuda")[None, :] <= (ctx - n + torch.arange(n, device="cuda"))[:, None]
+        return s.masked_fill(~mask, float("-inf")).softmax(-1) @ vr
+
+    for L in (1000, 4096, 5021):
+        q, k, v = qkv(L, L)
+        record(f"steered causal attention L={L} vs fp32 math", rel(sdpa.causal(q, k, v, 1 / 16), math(q, k, v, L, L)),
+               2e-2)
+    for n, ctx in ((777, 5000), (4096, 12288)):
+        q, k, v = qkv(n, ctx)
+        record(f"steered later chunk {n} over {ctx} keys vs fp32 math",
+               rel(sdpa.chunk_over_cache(q, k, v, 1 / 16), math(q, k, v, n, ctx)), 2e-2)
 
 
 def check_paged_decode():
@@ -499,6 +533,18 @@ def check_moe_prefill():
                          "results": [{"us": t * 1e6, "kernel": kind, **blocks} for t, kind, blocks in sweep]})
 
 
+def _conv_then_fla_l2norm(x, w, h0, meta):
+    """What the prefill ran before the norm moved into the conv: our conv, then fla's l2norm of q and k."""
+    from fla.modules.norm.l2norm import l2norm_fwd
+
+    from qwen3next.ops import triton_conv
+    (q, k, v), final = triton_conv.causal_conv1d(x, w, h0, meta.cu_seqlens, meta.token_seq, meta.token_index,
+                                                 split_qk=2048)
+    q = l2norm_fwd(q.view(*q.shape[:-1], 16, 128))[0].view(q.shape)
+    k = l2norm_fwd(k.view(*k.shape[:-1], 16, 128))[0].view(k.shape)
+    return q, k, v, final
+
+
 def check_prefill_glue():
     """The eager prefill path's Triton passes (ops/triton_norm.py, ops/triton_grouped.py, the GDN input split of
     ops/triton_gdn.py) against their torch
@@ -533,6 +579,11 @@ def check_prefill_glue():
                                               meta2.token_index),
             lambda: cuda_ops.causal_conv1d(conv_x, conv_w, conv_h0, cu_seqlens=meta2.cu_seqlens,
                                            cu_seqlens_cpu=meta2.cu_seqlens_cpu)),
+        "GDN conv + q, k l2norm [4096, 8192] vs conv + fla's l2norm": (
+            lambda: (lambda qkv, h: (*qkv, h))(*triton_conv.causal_conv1d(
+                conv_x, conv_w, conv_h0, meta2.cu_seqlens, meta2.token_seq, meta2.token_index, split_qk=2048,
+                l2norm_head=128)),
+            lambda: _conv_then_fla_l2norm(conv_x, conv_w, conv_h0, meta2)),
         "GDN split + gates [4096, 12288]": (
             lambda: triton_gdn.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128),
             lambda: gdn_projections.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128)),
@@ -692,7 +743,7 @@ def main():
     if args.no_fused_step_kernels:
         kernels.FUSED_STEP_KERNELS = False
     only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "gdn_verify", "moe", "moe_decode", "moe_prefill",
-                                                        "gemv", "conv", "paged", "prefill", "e2e"}
+                                                        "gemv", "conv", "paged", "sdpa", "prefill", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
            "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
     try:
@@ -705,7 +756,8 @@ def main():
     for name, fn in (("gdn", check_gdn), ("gdn_decode", check_gdn_decode), ("gdn_verify", check_gdn_verify),
                      ("moe", check_moe),
                      ("moe_decode", check_moe_decode), ("moe_prefill", check_moe_prefill), ("gemv", check_gemv),
-                     ("conv", check_conv), ("paged", check_paged_decode), ("prefill", check_prefill_glue),
+                     ("conv", check_conv), ("paged", check_paged_decode), ("sdpa", check_sdpa),
+                     ("prefill", check_prefill_glue),
                      ("e2e", check_end_to_end)):
         if name in only:
             fn()

@@ -26,22 +26,98 @@ QUESTIONS = ["json.dumps", "os.path.join", "re.compile", "math.sqrt", "itertools
              "subprocess.run", "functools.partial"]
 
 
-def timed(llm: LLM, tokens: int) -> tuple[float, int]:
+def timed(llm: LLM, tokens: int) -> tuple[float, int, dict]:
     """Seconds and tokens for the 8 questions, timed on a second pass: the first pass warms up everything that
-    depends on shapes (on CUDA the compiled layers recompile once as the context length grows)."""
+    depends on shapes (on CUDA the compiled layers recompile once as the context length grows). Also where the
+    second pass's time went: inside engine steps, in Python's garbage collector, and how many graphs
+    torch.compile made during it."""
+    import gc
+    from torch._dynamo.utils import counters
     sp = SamplingParams(temperature=0, max_tokens=tokens)
-    for _ in range(2):
+    where = {"step_s": 0.0, "gc_s": 0.0, "gc_collections": 0}
+    step = llm.engine.step
+
+    def timed_step():
+        t = time.perf_counter()
+        try:
+            return step()
+        finally:
+            where["step_s"] += time.perf_counter() - t
+
+    gc_start = []
+
+    def gc_clock(phase, info):
+        if phase == "start":
+            gc_start.append(time.perf_counter())
+        elif gc_start:
+            where["gc_s"] += time.perf_counter() - gc_start.pop()
+            where["gc_collections"] += 1
+
+    for p in range(2):
+        if p == 1:
+            llm.engine.step = timed_step
+            gc.callbacks.append(gc_clock)
+            graphs_before = counters["stats"]["unique_graphs"]
         t, n = time.perf_counter(), 0
         for q in QUESTIONS:
             out = llm.chat([{"role": "user", "content": f"What does {q} do?"}], sp)[0]
             n += len(out.outputs[0].token_ids)
-    return time.perf_counter() - t, n
+    dt = time.perf_counter() - t
+    gc.callbacks.remove(gc_clock)
+    llm.engine.step = step
+    where["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs_before
+    return dt, n, where
+
+
+PROFILE_CATCH_UPS = os.environ.get("PROFILE_CATCH_UPS")     # a file: cProfile of the slowest eager catch-ups
+
+
+def _write_catch_up_profiles(seen: dict) -> None:
+    import pstats
+    with open(PROFILE_CATCH_UPS, "a") as f:
+        for sec, prof in sorted(seen.pop("profiles", []), key=lambda p: -p[0])[:3]:
+            f.write(f"== eager catch-up, {sec * 1e3:.1f} ms\n")
+            pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats("qwen3next|torch/nn|triton", 30)
+
+
+def _count_eager_catch_ups() -> dict:
+    """Wraps Speculator._catch_up (the MTP head's eager forward over unseen positions) to count its calls, their
+    lengths and wall time (device included): the suspect of the adaptive policy's slow GPU runs."""
+    from qwen3next.engine.speculative import Speculator
+    seen = {"calls": 0, "seconds": 0.0, "lengths": []}
+    inner = Speculator._catch_up
+
+    def timed_catch_up(self, rows, dev, want_logits=True):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        if PROFILE_CATCH_UPS:
+            import cProfile
+            prof = cProfile.Profile()
+            out = prof.runcall(inner, self, rows, dev, want_logits)
+            torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+            seen.setdefault("profiles", []).append((time.perf_counter() - t, prof))
+        else:
+            out = inner(self, rows, dev, want_logits)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seen["calls"] += 1
+        seen["seconds"] += time.perf_counter() - t
+        seen["lengths"].append(sum(h.shape[0] for _, _, h in rows))
+        return out
+
+    Speculator._catch_up = timed_catch_up
+    return seen
 
 
 def run_variant(args, name: str, k: int, adaptive: bool, graphs: bool) -> dict:
     llm = LLM(args.model, device=args.device, speculative_tokens=k, speculative_adaptive=adaptive, cuda_graphs=graphs)
-    t, n = timed(llm, args.tokens)
-    row = {"variant": name, "k": k, "seconds": t, "tokens": n, "tokens_per_s": n / t}
+    seen = _count_eager_catch_ups()
+    t, n, where = timed(llm, args.tokens)
+    if PROFILE_CATCH_UPS:
+        _write_catch_up_profiles(seen)
+    row = {"variant": name, "k": k, "seconds": t, "tokens": n, "tokens_per_s": n / t, "second_pass": where,
+           "eager_catch_ups_both_passes": {**seen, "lengths": seen["lengths"][:64]}}
     if k:
         st = llm.speculative_stats()
         row.update(mean_accepted_length=st["mean_accepted_length"],

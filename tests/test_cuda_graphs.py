@@ -172,13 +172,15 @@ def test_capture_failure_falls_back_to_eager(ckpt, monkeypatch, caplog):
     assert sum("CUDA graph capture" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_warm_up_touches_only_the_scratch_slot_and_page(ckpt):
-    """The start-up warm-up (a one- and a two-sequence prefill, the one-sequence decode bucket) runs only in the
-    scratch slot and page: the states and pages requests use are unchanged, and requests decode the same tokens."""
+@pytest.mark.parametrize("spec", [0, 2])
+def test_warm_up_touches_only_the_scratch_slot_and_page(ckpt, spec):
+    """The start-up warm-up (a one- and a two-sequence prefill, a later chunk, through the MTP head too when
+    speculating, the one-sequence decode bucket) runs only in the scratch slot and page: the states and pages
+    requests use are unchanged, and requests decode the same tokens."""
     ps = prompts([5, 40, 17])
     sps = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (12, 6, 9)]
     ref = tokens(make(ckpt, static=False).generate(ps, sps))
-    llm = make(ckpt, static=True, max_num_seqs=3)
+    llm = make(ckpt, static=True, max_num_seqs=3, speculative_tokens=spec)
     runner = llm.engine.runner
     assert llm.engine.warm_up_s == 0.0                       # CPU: nothing at start-up
     slot, page = runner.num_slots, runner.num_pages

@@ -120,3 +120,19 @@ def test_linear_layers_go_through_the_op_table():
     finally:
         kernels.reset()
     assert calls == [(1, 8)]
+
+
+def test_conv_hands_over_l2_normed_q_k():
+    """kernels.causal_conv1d(split=..., l2norm_head=d): q and k come l2-normalised per head (the model then runs
+    the delta rule without its own normalisation), v untouched; on the torch path too."""
+    from qwen3next.ops import conv1d, kernels
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 9, 40, generator=g), torch.randn(40, 4, generator=g)
+    (q, k, v), final = kernels.causal_conv1d(x, w, None, split=[8, 8, 24], l2norm_head=4)
+    y, want_final = conv1d.causal_conv1d(x, w, None)
+    wq, wk, wv = y.split([8, 8, 24], -1)
+    for got, want in ((q, wq), (k, wk)):
+        heads = want.reshape(1, 9, 2, 4)
+        torch.testing.assert_close(got, (heads / (heads.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()).reshape(want.shape))
+    torch.testing.assert_close(v, wv)
+    torch.testing.assert_close(final, want_final)

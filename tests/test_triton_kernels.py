@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 70, r.stdout
+    assert r.stdout.count("max error") == 72, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):

@@ -225,6 +225,13 @@ for lens, starts, h0 in (([1, 2, 9, 5], [3, 7, 0, 12], True), ([6, 3], [0, 0], F
     if not all(p.is_contiguous() for p in parts) or [p.shape[-1] for p in parts] != [48, 48, 104]:
         failures.append("causal_conv1d split parts not contiguous [1, N, C_i]")
     check(f"causal_conv1d lens={lens} state={h0} q, k, v apart", torch.cat(parts, -1), want[0], 1e-5)
+    # q and k l2-normalised per head of 16 channels in the same pass (3 heads each), v as it was
+    normed, _ = triton_conv.causal_conv1d(x, w, init, meta.cu_seqlens, meta.token_seq, meta.token_index,
+                                          split_qk=48, l2norm_head=16)
+    wq, wk, wv = want[0].split([48, 48, 104], -1)
+    wq, wk = (gated_delta.l2norm(t.reshape(*t.shape[:-1], 3, 16)).reshape(t.shape) for t in (wq, wk))
+    check(f"causal_conv1d lens={lens} state={h0} q, k l2-normed", torch.cat(normed, -1),
+          torch.cat([wq, wk, wv], -1), 1e-5)
 
 # conv decode step: the pool updated in place in shuffled slots, a fresh sequence ignoring its old slot, K = 4 and 3
 for K, dtype in ((4, torch.float32), (3, torch.float32), (4, torch.bfloat16)):

@@ -38,9 +38,19 @@ class EngineStats:
         self.tpot: deque[float] = deque(maxlen=1000)   # recent time-per-output-token samples (s)
 
 
+def default_batched_tokens(device: torch.device) -> int:
+    """Tokens per engine step (the prefill chunk) when the user sets none. On a GPU 8192, as vLLM's and SGLang's
+    servers: every chunk of a Qwen3-Next prompt reads nearly all 512 experts of every layer, so small chunks
+    multiply the weight traffic; a new 4K prompt through the engine, 8 layers of 80B-A3B on an H100, took 163-210
+    ms to its first token in 512-token chunks and 27-30 ms in one (its forward alone 26 ms;
+    benchmarks/engine_prefill.py, results/engine_prefill_2026-11-24.json). On a CPU 512, where a step's time
+    grows with its tokens and decoding requests should not wait long behind a prompt."""
+    return 8192 if device.type == "cuda" else 512
+
+
 class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 512, num_kv_pages: int | None = None, page_size: int = 16,
+                 max_num_batched_tokens: int | None = None, num_kv_pages: int | None = None, page_size: int = 16,
                  kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None,
                  speculative_tokens: int = 0, speculative_disable_batch_size: int = 16,
                  speculative_adaptive: bool = True, cuda_graphs: bool = True, warm_up: bool = True):
@@ -57,6 +67,8 @@ class LLMEngine:
         # one sequence must always fit alone, else preemption could never make progress
         self.max_model_len = min(max_model_len, num_kv_pages * page_size)
         self.cache = CacheManager(max_num_seqs, num_kv_pages, page_size)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = default_batched_tokens(model.model.embed_tokens.weight.device)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         # cuda_graphs: on CUDA, pure decode steps replay a CUDA graph per batch-size bucket (graphs.py);
         # QWEN3NEXT_CUDA_GRAPHS=0 also switches them off

@@ -25,7 +25,8 @@ def default_device() -> str:
 class LLM:
     def __init__(self, model: str | None = None, tokenizer: str | None = None, skip_tokenizer_init: bool = False,
                  dtype: str | torch.dtype = "auto", device: str | None = None, seed: int = 0, **engine_args):
-        """engine_args: max_num_seqs, max_model_len, max_num_batched_tokens, num_kv_pages, page_size, kv_cache_gib,
+        """engine_args: max_num_seqs, max_model_len, max_num_batched_tokens (the prefill chunk; default 8192 on a GPU,
+        512 on a CPU), num_kv_pages, page_size, kv_cache_gib,
         speculative_tokens (k MTP drafts per step, 0 = off), speculative_disable_batch_size (never draft at this
         many decoding sequences), speculative_adaptive (draft only where it measures a gain; default True),
         cuda_graphs (decode steps replayed from CUDA graphs on a GPU; default True), warm_up (on a GPU, compile the

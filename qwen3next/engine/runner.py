@@ -127,19 +127,30 @@ class ModelRunner:
         for tests): Triton compiles every kernel variant on its first use, and the prefill of one sequence takes
         other variants of fla's chunked kernels than a packed batch of several (no packed boundaries); in a fresh
         process the first request alone, after batched ones, waited 38-64 s for them (H100, 2026-11-23). Runs a
-        one-sequence and a two-sequence prefill and the decode step of one sequence (its CUDA graph captured, which
-        compiles the decode layers), all in the scratch slot and page that no request uses. Returns seconds."""
+        one-sequence and a two-sequence prefill, a later prefill chunk (each also through the MTP head when the
+        engine speculates), and the decode step of one sequence (its CUDA graph captured, which compiles the decode
+        layers), all in the scratch slot and page that no request uses. Returns seconds."""
         if self.device.type != "cuda" and not force:
             return 0.0
         started = time.perf_counter()
-        n = max(1, min(self.page_size, 8))
+        n = max(1, min(self.page_size // 2, 8))
         slot, page = self.num_slots, self.num_pages
-        for seqs in (1, 2):
-            meta = BatchMeta.build([n] * seqs, [0] * seqs, [slot] * seqs, [[page]] * seqs, self.page_size,
+        # (sequences, start): one and two sequences from their first token, then a later chunk of the one
+        # (the kernels' variants with an initial state, attention over cached keys): fla autotunes those anew,
+        # which made the first long prompt through 8K chunks wait 22 s on an H100 (engine_prefill.py, 2026-11-24)
+        for seqs, start in ((1, 0), (2, 0), (1, n)):
+            if start + n > self.page_size:
+                continue
+            meta = BatchMeta.build([n] * seqs, [start] * seqs, [slot] * seqs, [[page]] * seqs, self.page_size,
                                    self.device)
             ids = torch.zeros(n * seqs, dtype=torch.long, device=self.device)
-            self.model(ids, cache=self.cache, meta=meta, logits_to_keep=torch.tensor([n * seqs - 1],
-                                                                                       device=self.device))
+            keep = torch.tensor([n * seqs - 1], device=self.device)
+            self.model(ids, cache=self.cache, meta=meta, logits_to_keep=keep)
+            if self.cache.include_mtp and seqs == 1:
+                # the MTP head's eager catch-up over unseen positions (engine/speculative.py): its first call
+                # compiled the head's prefill kernels, 3.2 s inside the first requests (H100, 2026-11-24)
+                hidden = torch.zeros(1, n, self.model.config.hidden_size, device=self.device, dtype=self.dtype)
+                self.model.mtp_forward(hidden, ids[None], cache=self.cache, meta=meta, logits_to_keep=keep)
         for graphs in (self.graphs, self.verify_graphs, self.draft_graphs):
             if graphs is not None:
                 graphs.prepare(1)

@@ -106,6 +106,7 @@ class HybridCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, num_pages: int, page_size: int = 16,
                  dtype: torch.dtype = torch.float32, device="cpu", include_mtp: bool = True):
         self.num_slots, self.num_pages, self.page_size = num_slots, num_pages, page_size
+        self.include_mtp = include_mtp and cfg.mtp_layers > 0
         kinds = list(cfg.layer_types) + ([FULL] * cfg.mtp_layers if include_mtp else [])
         self.layers: list[GDNState | KVPages] = []
         for kind in kinds:

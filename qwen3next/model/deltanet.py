@@ -85,20 +85,24 @@ class GatedDeltaNet(nn.Module):
         mixed, z, beta, g = self._project_and_gate(x)
         host = {} if cu_host is None else {"cu_seqlens_cpu": cu_host}
         maps = {} if cu is None else {"token_seq": meta.token_seq, "token_index": meta.token_index}
-        # q, k, v as three tensors: contiguous ones from our Triton conv, as fla's chunk kernel takes them
+        # q, k, v as three tensors (contiguous ones from our Triton conv, as fla's chunk kernel takes them), q and k
+        # already l2-normalised (in the conv's pass on GPU), so the delta rule does not normalise them again
         qkv, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host, **maps,
-                                                split=[self.key_dim, self.key_dim, self.value_dim])
+                                                split=[self.key_dim, self.key_dim, self.value_dim],
+                                                l2norm_head=self.dk)
         q, k, v = self._heads(qkv)
         if mixed.shape[1] == 1:
             o, rec_final = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
-                                                              output_final_state=state is not None, cu_seqlens=cu)
+                                                              output_final_state=state is not None, cu_seqlens=cu,
+                                                              use_qk_l2norm=False)
         else:
             # one sequence needs no packed boundaries, and fla's wrapper costs the host ~0.3 ms less without them
             # (0.81 vs 1.14 ms per call at 4K tokens, H100 machine, benchmarks/host_overhead.py, 2026-11-23)
             one = meta is not None and meta.num_seqs == 1
             o, rec_final = kernels.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,
                                                           output_final_state=state is not None,
-                                                          cu_seqlens=None if one else cu, **({} if one else host))
+                                                          cu_seqlens=None if one else cu, use_qk_l2norm=False,
+                                                          **({} if one else host))
         if state is not None:
             state.conv[meta.slots] = conv_final.to(state.conv.dtype)
             state.recurrent[meta.slots] = rec_final.to(state.recurrent.dtype)

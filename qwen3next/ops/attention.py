@@ -10,12 +10,12 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from . import sdpa
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                         scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
+    return sdpa.causal(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale).transpose(1, 2)
 
 
 def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -78,11 +78,9 @@ def _paged_prefill(q, k_pages, v_pages, meta, scale, k_new=None, v_new=None):
             rows = meta.page_table[i].gather(0, kpos // ps) * ps + kpos % ps
             ki = flat_k[rows].transpose(0, 1)[None].to(q.dtype)             # [1, Hkv, ctx, D]
             vi = flat_v[rows].transpose(0, 1)[None].to(q.dtype)
-        gqa = qi.shape[1] != ki.shape[1]
-        if start == 0:   # no cached prefix: plain causal attention (FlashAttention on GPU)
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=gqa)
+        if start == 0:   # no cached prefix: plain causal attention
+            o = sdpa.causal(qi, ki, vi, scale)
         else:            # a later chunk: queries at start..ctx-1 see keys 0..their own position
-            mask = kpos[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = sdpa.chunk_over_cache(qi, ki, vi, scale)
         outs.append(o[0].transpose(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -188,24 +188,47 @@ def moe_decode(x, gate_up, down, ids, weights, shared_gate, shared_up, shared_do
 CONV_SPLIT_OUTPUT = True
 
 
-def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=None, split=None, **kw):
+def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=None, split=None, l2norm_head=None,
+                  **kw):
     """`token_seq` / `token_index` (BatchMeta's token maps, with cu_seqlens) let packed prefill chunks on GPU take
     our Triton conv (ops/triton_conv.py), which costs the host a fraction of fla's wrapper. `split` = [Cq, Cq, Cv]
     (Gated DeltaNet's q, k, v channels): the output comes as those three parts (contiguous ones from the Triton
-    conv), else as one tensor."""
+    conv), else as one tensor. `l2norm_head` = d (with split): q and k come l2-normalised per head of d channels
+    (in the Triton conv's pass; elsewhere by ops/gated_delta.l2norm after the conv)."""
     if "causal_conv1d" in _overrides:
         y, final = _overrides["causal_conv1d"](x, weight, initial_state, **kw)
     elif (token_seq is not None and kw.get("cu_seqlens") is not None and x.shape[1] > 1
             and not kw.get("output_all_states") and _fused_elementwise_applies(x, weight)):
         from .triton_conv import causal_conv1d as conv
         parts = split is not None and CONV_SPLIT_OUTPUT and split[0] == split[1] and sum(split) == x.shape[-1]
+        fuse_norm = parts and l2norm_head is not None and _conv_can_norm(split[0], l2norm_head)
         y, final = conv(x, weight, initial_state, kw["cu_seqlens"], token_seq, token_index,
-                        activation=kw.get("activation", True), split_qk=split[0] if parts else None)
+                        activation=kw.get("activation", True), split_qk=split[0] if parts else None,
+                        l2norm_head=l2norm_head if fuse_norm else None)
         if parts:
-            return y, final
+            q, k, v = y
+            if l2norm_head is not None and not fuse_norm:
+                q, k = (_heads_l2norm(t, l2norm_head) for t in (q, k))
+            return [q, k, v], final
     else:
         y, final = _causal_conv1d(x, weight, initial_state, **kw)
-    return (y if split is None else list(y.split(split, dim=-1))), final
+    if split is None:
+        return y, final
+    q, k, v = y.split(split, dim=-1)
+    if l2norm_head is not None:
+        q, k = (_heads_l2norm(t, l2norm_head) for t in (q, k))
+    return [q, k, v], final
+
+
+def _conv_can_norm(cq: int, head: int) -> bool:
+    return head & (head - 1) == 0 and cq % head == 0 and head <= 256
+
+
+def _heads_l2norm(t, head: int):
+    """t [..., n * head] l2-normalised per head, in fp32 at least (the reference's order: ops/gated_delta)."""
+    shape = t.shape
+    t = t.reshape(*shape[:-1], -1, head)
+    return _gdr.l2norm(t.to(_gdr._work_dtype(t))).to(t.dtype).reshape(shape)
 
 
 def _causal_conv1d(x, weight, initial_state=None, **kw):

@@ -18,9 +18,12 @@ import triton.language as tl
 from .pdl import launch_pdl, wait_for_predecessor
 
 
-@triton.jit
+# N (tokens) is not specialised on: Triton compiles a kernel anew for each class of an integer argument (divisible
+# by 16 or not), which a server's new prompt lengths would otherwise hit (~1 s each, H100)
+@triton.jit(do_not_specialize=["N"])
 def _conv_kernel(X, W, H0, SEQ, IDX, Y, N, C, stride_x, stride_y, stride_hs, K: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr, HAS_H0: tl.constexpr, ACT: tl.constexpr, SPLIT: tl.constexpr, CQ: tl.constexpr):
+                 BC: tl.constexpr, HAS_H0: tl.constexpr, ACT: tl.constexpr, SPLIT: tl.constexpr, CQ: tl.constexpr,
+                 NORM_QK: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     r_ok = rows < N
@@ -41,6 +44,9 @@ def _conv_kernel(X, W, H0, SEQ, IDX, Y, N, C, stride_x, stride_y, stride_hs, K: 
         acc += v * w[None, :]
     if ACT:
         acc = acc * tl.sigmoid(acc)
+    if NORM_QK:   # this block is one whole q or k head (BC = head_dim): l2-normalised per token, in fp32
+        if tl.program_id(1) * BC < 2 * CQ:
+            acc = acc * tl.rsqrt(tl.sum(acc * acc, 1) + 1e-6)[:, None]
     if SPLIT:   # Y = [q (N x CQ) | k (N x CQ) | v (N x (C - 2 CQ))], each part row-major on its own
         part = (cols >= CQ).to(tl.int64) + (cols >= 2 * CQ).to(tl.int64)
         width = tl.where(part == 2, C - 2 * CQ, CQ).to(tl.int64)
@@ -71,13 +77,16 @@ def _final_state_kernel(X, H0, CU, OUT, C, stride_x, stride_hs, stride_os, K: tl
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor,
                   token_seq: torch.Tensor, token_index: torch.Tensor, activation: bool = True,
-                  split_qk: int | None = None):
+                  split_qk: int | None = None, l2norm_head: int | None = None):
     """x [1, N, C] (sequences packed by cu_seqlens [S+1]), weight [C, K], initial_state [S, C, K-1] or None;
     token_seq / token_index [N]: each token's sequence and index within it. Same results as ops/conv1d's
     causal_conv1d with cu_seqlens: (y [1, N, C] in x's dtype, final state [S, C, K-1] in weight's dtype).
     `split_qk` = Cq: y comes as [q, k, v], the channels [0, Cq), [Cq, 2 Cq) and the rest, each a contiguous
     [1, N, C_i] (Gated DeltaNet's q, k, v as flash-linear-attention's chunk kernel wants them: the views of one
-    [N, C] output cost three copies, 0.27 ms per 4 layers at 4K tokens on an H100)."""
+    [N, C] output cost three copies, 0.27 ms per 4 layers at 4K tokens on an H100). `l2norm_head` = d (with
+    split_qk, a power of two dividing Cq): q and k come l2-normalised over each head of d channels
+    (ops/gated_delta.l2norm), so the delta rule need not (fla's l2norm kernel autotunes 25 configurations for
+    every new bucket of token counts: 12.8 s in the first 32K prompt through 8K chunks, H100)."""
     _, N, C = x.shape
     K = weight.shape[-1]
     S = cu_seqlens.numel() - 1
@@ -89,10 +98,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
     if split_qk is not None and not 0 < 2 * split_qk < C:
         raise ValueError(f"split_qk must leave channels for v: 0 < 2 * {split_qk} < {C}")
     BT, BC = 16, 128
+    if l2norm_head is not None:
+        if split_qk is None or l2norm_head & (l2norm_head - 1) or split_qk % l2norm_head:
+            raise ValueError(f"l2norm_head must be a power of two dividing split_qk, got {l2norm_head} / {split_qk}")
+        BC = l2norm_head
     _conv_kernel[(triton.cdiv(N, BT), triton.cdiv(C, BC))](
         x2, w, x2 if h0 is None else h0, token_seq, token_index, y, N, C, x2.stride(0), y.stride(0),
         0 if h0 is None else h0.stride(0), K=K, BT=BT, BC=BC, HAS_H0=h0 is not None, ACT=activation,
-        SPLIT=split_qk is not None, CQ=split_qk or 0, num_warps=4)
+        SPLIT=split_qk is not None, CQ=split_qk or 0, NORM_QK=l2norm_head is not None, num_warps=4)
     _final_state_kernel[(S, triton.cdiv(C, 256))](
         x2, x2 if h0 is None else h0, cu_seqlens, final, C, x2.stride(0), 0 if h0 is None else h0.stride(0),
         final.stride(0), K=K, BC=256, HAS_H0=h0 is not None, num_warps=4)

@@ -101,7 +101,10 @@ def _down_kernel(Hin, ORDER, D, TILE_E, TILE_R0, TILE_R1, Y, stride_h, stride_de
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+# Token-count arguments are not specialised on (Triton compiles anew for each class of an integer: divisible by 16
+# or not), and the tile rows start 16-byte aligned whatever their length (a pointer's alignment is specialised on
+# too): otherwise new prompt lengths recompiled these kernels, ~0.1-0.9 s each (H100, engine_prefill.py, 2026-11-24)
+@triton.jit(do_not_specialize=["M", "n_tiles"])
 def _plan_kernel(IDS, CURSOR, TILE_E, TILE_R0, TILE_R1, M, n_tiles, E: tl.constexpr, BE: tl.constexpr,
                  BM: tl.constexpr, BLOCK: tl.constexpr):
     """One program: the rows each expert received (a histogram of the ids), their exclusive prefix sum (each
@@ -131,7 +134,7 @@ def _plan_kernel(IDS, CURSOR, TILE_E, TILE_R0, TILE_R1, M, n_tiles, E: tl.conste
         tl.store(TILE_R1 + first_tile + j, tl.minimum(r0 + BM, ends), mask=has)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _scatter_kernel(IDS, CURSOR, ORDER, M, BLOCK: tl.constexpr):
     """Each assignment takes the next free sorted row of its expert. The order of rows within an expert depends
     on the atomics' order, which changes no result: every row is computed alone and written back to its own
@@ -185,7 +188,7 @@ def plan(ids: torch.Tensor, num_experts: int, bm: int):
     n_tiles = n_tiles_bound(M, num_experts, bm)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
     order = torch.empty(M, dtype=torch.int32, device=dev)
-    tiles = torch.empty(3, n_tiles, dtype=torch.int32, device=dev)
+    tiles = torch.empty(3, -(-n_tiles // 32) * 32, dtype=torch.int32, device=dev)[:, :n_tiles]   # aligned rows
     _plan_kernel[(1,)](flat, cursor, tiles[0], tiles[1], tiles[2], M, n_tiles, E=num_experts,
                        BE=triton.next_power_of_2(num_experts), BM=bm, BLOCK=1024, num_warps=8)
     _scatter_kernel[(triton.cdiv(M, 1024),)](flat, cursor, order, M, BLOCK=1024, num_warps=4)

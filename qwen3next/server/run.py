@@ -29,7 +29,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     p.add_argument("--max-model-len", type=int, default=None, help="context length to reserve")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together (state slots)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step, i.e. the prefill chunk (default: 8192 on a GPU, 512 on a CPU)")
     p.add_argument("--kv-cache-gib", type=float, default=None, help="memory for the attention KV cache")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP speculative decoding: draft K tokens per step (0 = off)")

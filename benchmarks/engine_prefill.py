@@ -1,0 +1,129 @@
+"""Time to first token through the engine against the model's own prefill, with Qwen3-Next-80B-A3B layers.
+
+`qwen3next bench` times one forward of a 4K prompt. A user's prompt goes through LLMEngine: the scheduler cuts it
+into chunks of at most max_num_batched_tokens, each later chunk attends to the keys cached before it, and every
+prompt length is new to the attention kernels. This sends prompts of lengths the process has not seen (one new
+token is generated, so the time is the prefill's) under each setting and reports the engine's time to first
+token (TTFT) over the model's forward of the same length (bench.time_prefill, warm). Settings: the prefill budget
+(chunk size) and whether the attention backend is steered (ops/sdpa.py) or left to torch.
+
+    python benchmarks/engine_prefill.py [--layers 8] [--lengths 4000,4100,4200] [--budgets 512,8192] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import json
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from qwen3next import bench  # noqa: E402
+from qwen3next.config import preset  # noqa: E402
+from qwen3next.engine.engine import LLMEngine  # noqa: E402
+from qwen3next.engine.sampling_params import SamplingParams  # noqa: E402
+from qwen3next.ops import sdpa  # noqa: E402
+
+
+_compile_log: dict = {}
+
+
+def _log_compiles(stop: bool = False) -> list:
+    """Record every Triton compile (kernel, seconds, specialisation) until called with stop=True."""
+    from triton.runtime.jit import JITFunction
+    if stop:
+        JITFunction._do_compile = _compile_log.pop("inner")
+        return []
+    inner, log = JITFunction._do_compile, []
+
+    def compile_logged(self, key, signature, device, constexprs, options, attrs, *rest):
+        t = time.perf_counter()
+        out = inner(self, key, signature, device, constexprs, options, attrs, *rest)
+        log.append((getattr(self.fn, "__name__", "?"), time.perf_counter() - t,
+                    f"attrs={str(attrs)[:120]} constexprs={str(constexprs)[:200]}"))
+        return out
+
+    _compile_log["inner"] = inner
+    JITFunction._do_compile = compile_logged
+    return log
+
+
+def ttft(eng: LLMEngine, n: int, vocab: int, seed: int) -> float:
+    prompt = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    eng.add_request({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    while eng.has_unfinished():
+        eng.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--lengths", default="4000,4100,4200", help="prompt lengths, each new to the process")
+    ap.add_argument("--budgets", default="512,8192", help="max_num_batched_tokens values to compare")
+    ap.add_argument("--steer", default="both", choices=("both", "on", "off"),
+                    help="attention backend steered (ops/sdpa.py), left to torch, or both")
+    ap.add_argument("--profile-first", default=None, metavar="FILE",
+                    help="write the functions that took the first timed request's time (cProfile) to FILE")
+    ap.add_argument("--warm-up", action="store_true", help="build the engines with their start-up warm-up")
+    ap.add_argument("--out", default="benchmarks/results/engine_prefill.json")
+    args = ap.parse_args()
+    cfg = preset("qwen3-next-80b-a3b")
+    m = bench.random_gpu_model(cfg, args.layers)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    budgets = [int(x) for x in args.budgets.split(",")]
+    fwd = {T: bench.time_prefill(m, T)[0] * 1e3 for T in sorted({min(lengths), max(lengths), 4096})}
+    print(f"{torch.cuda.get_device_name()}, {args.layers} layers; model forward (warm): "
+          + ", ".join(f"{T}: {ms:.1f} ms" for T, ms in fwd.items()), flush=True)
+    rows = []
+    offset = 0
+    for steer in {"both": (False, "auto"), "on": ("auto",), "off": (False,)}[args.steer]:
+        for budget in budgets:
+            sdpa.STEER["enabled"] = steer
+            eng = LLMEngine(m, None, max_num_seqs=4, max_model_len=max(lengths) + 4096, cuda_graphs=False,
+                            warm_up=args.warm_up, max_num_batched_tokens=budget)
+            ttft(eng, 1000 + offset, cfg.vocab_size, 0)          # the kernels' first use, not timed
+            for j, n in enumerate(lengths):
+                offset += 7                                      # a length no earlier setting used
+                if args.profile_first:
+                    prof, compiled = cProfile.Profile(), _log_compiles()
+                    first = prof.runcall(ttft, eng, n + offset, cfg.vocab_size, n)
+                    _log_compiles(stop=True)
+                    with open(args.profile_first, "a") as f:
+                        f.write(f"== steered={steer is not False} budget {budget}, {n + offset} tokens: "
+                                f"first TTFT {first * 1e3:.1f} ms; {len(compiled)} Triton compiles, "
+                                f"{sum(c[1] for c in compiled):.2f} s\n")
+                        for name, sec, spec in compiled:
+                            f.write(f"   compile {sec:6.3f} s  {name}  {spec}\n")
+                        st = pstats.Stats(prof, stream=f).sort_stats("cumulative")
+                        st.print_stats("qwen3next|fla/ops|torch/nn/functional", 25)
+                else:
+                    first = ttft(eng, n + offset, cfg.vocab_size, n)
+                again = ttft(eng, n + offset, cfg.vocab_size, n + 1)     # the same length once more
+                ref = min(fwd, key=lambda T: abs(T - n))
+                row = {"steered": steer is not False, "budget": budget, "tokens": n + offset,
+                       "ttft_first_ms": first * 1e3, "ttft_again_ms": again * 1e3,
+                       "forward_ms": fwd[ref], "forward_tokens": ref}
+                rows.append(row)
+                print(f"steered={row['steered']!s:5} budget {budget:5}  {n + offset:5} tokens: TTFT "
+                      f"{first * 1e3:8.1f} ms first, {again * 1e3:8.1f} ms again  (forward of {ref}: "
+                      f"{fwd[ref]:.1f} ms)", flush=True)
+            del eng
+            torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+                   "layers": args.layers, "forward_ms": fwd, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
