@@ -53,16 +53,27 @@ def timed(llm: LLM, tokens: int) -> tuple[float, int, dict]:
             where["gc_s"] += time.perf_counter() - gc_start.pop()
             where["gc_collections"] += 1
 
+    prof = None
     for p in range(2):
         if p == 1:
             llm.engine.step = timed_step
             gc.callbacks.append(gc_clock)
             graphs_before = counters["stats"]["unique_graphs"]
+            if PROFILE_PASS:
+                import cProfile
+                prof = cProfile.Profile()
+                prof.enable()
         t, n = time.perf_counter(), 0
         for q in QUESTIONS:
             out = llm.chat([{"role": "user", "content": f"What does {q} do?"}], sp)[0]
             n += len(out.outputs[0].token_ids)
     dt = time.perf_counter() - t
+    if prof is not None:
+        import pstats
+        prof.disable()
+        with open(PROFILE_PASS, "a") as f:
+            f.write(f"== {llm.engine.speculator is not None and 'speculative' or 'plain'}: {n / dt:.1f} tokens/s\n")
+            pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(35)
     gc.callbacks.remove(gc_clock)
     llm.engine.step = step
     where["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs_before
@@ -70,6 +81,7 @@ def timed(llm: LLM, tokens: int) -> tuple[float, int, dict]:
 
 
 PROFILE_CATCH_UPS = os.environ.get("PROFILE_CATCH_UPS")     # a file: cProfile of the slowest eager catch-ups
+PROFILE_PASS = os.environ.get("PROFILE_PASS")               # a file: cProfile of each variant's timed pass
 
 
 def _write_catch_up_profiles(seen: dict) -> None:

@@ -206,3 +206,28 @@ def test_pages_of_rejected_drafts_go_back_to_the_pool(ckpt):
     st = llm.speculative_stats()
     assert checked > 10 and st["accepted_tokens"] < st["draft_tokens"]     # some drafts were rejected
     assert eng.usage()["pages_used"] == 0
+
+
+def test_policy_probes_less_often_while_its_choice_holds():
+    """Each probe that confirms the choice doubles the gap to the next one (up to max_probe_every); a probe that
+    changes it (the costs drifted) resets the gap, and the policy follows the new winner."""
+    from qwen3next.engine.speculative import SpeculationPolicy
+    pol = SpeculationPolicy(disable_batch_size=16, warmup=1, probe_every=8, max_probe_every=64, alpha=1.0)
+
+    def run(spec_rate, plain_rate, steps):
+        choices = []
+        for _ in range(steps):
+            c = pol.choose(1)
+            choices.append(c)
+            pol.observe(1, c, 10, 10 / (spec_rate if c else plain_rate))
+        return choices
+
+    plain_wins = run(spec_rate=50.0, plain_rate=100.0, steps=400)[4:]
+    probes = [i for i, c in enumerate(plain_wins) if c]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps[:4] == [16, 32, 64, 64] and all(g == 64 for g in gaps[3:])    # 8 before the first probe
+    assert pol.as_dict()["by_batch_size"]["1"]["probe_gap"] == 64
+    drafting_wins = run(spec_rate=300.0, plain_rate=100.0, steps=200)       # drifted: the next probe finds it
+    switch = drafting_wins.index(True)
+    assert switch <= 64 and sum(not c for c in drafting_wins[switch:]) <= 5     # then only sparse probes of plain
+    assert pol.as_dict()["by_batch_size"]["1"]["drafting"] is True

@@ -65,13 +65,17 @@ class SpeculationPolicy:
     Decoding sequences are bucketed by batch size (1, 2-3, 4-7, 8-15, ...). For each bucket it keeps an
     exponential average of tokens emitted per second over pure decode steps, with drafting on and off. It tries
     each mode `warmup` times (after one discarded step each, which may include compilation), then drafts only if
-    that was faster, and every `probe_every` steps of the bucket takes the other mode once, since acceptance and
-    costs drift with the text and the load. `adaptive=False` keeps only the hard cap."""
+    that was faster, and now and then takes the other mode once (a probe), since acceptance and costs drift with
+    the text and the load. The probes start `probe_every` steps apart; each probe that leaves the choice as it was
+    doubles the gap (up to `max_probe_every`), one that changes it resets the gap: a probe is not free, since
+    drafting after plain steps first catches the MTP head up on the positions it skipped (through the drafting
+    graph q at a time, or one eager forward of the head). `adaptive=False` keeps only the hard cap."""
 
     def __init__(self, disable_batch_size: int = 16, adaptive: bool = True, warmup: int = 3,
-                 probe_every: int = 64, alpha: float = 0.25):
+                 probe_every: int = 64, max_probe_every: int = 1024, alpha: float = 0.25):
         self.disable_batch_size, self.adaptive = disable_batch_size, adaptive
-        self.warmup, self.probe_every, self.alpha = warmup, probe_every, alpha
+        self.warmup, self.probe_every, self.max_probe_every = warmup, probe_every, max_probe_every
+        self.alpha = alpha
         self.buckets: dict[int, dict] = {}
 
     @staticmethod
@@ -80,7 +84,8 @@ class SpeculationPolicy:
 
     def _state(self, b: int) -> dict:
         return self.buckets.setdefault(b, {"rate": {True: None, False: None}, "seen": {True: 0, False: 0},
-                                           "steps": 0, "choice": True})
+                                           "steps": 0, "choice": True, "gap": self.probe_every,
+                                           "next_probe": None, "probed": None})
 
     def choose(self, num_decoding: int) -> bool:
         """True to draft in this step."""
@@ -94,8 +99,17 @@ class SpeculationPolicy:
             if st["seen"][mode] <= self.warmup:
                 return mode
         best = st["rate"][True] >= st["rate"][False]
+        if st["probed"] is not None:                        # the first choice after a probe: the next gap
+            kept = best == st["probed"]
+            st["gap"] = min(2 * st["gap"], self.max_probe_every) if kept else self.probe_every
+            st["probed"], st["next_probe"] = None, st["steps"] - 1 + st["gap"]     # counted from the probe
         st["choice"] = best
-        return (not best) if st["steps"] % self.probe_every == 0 else best
+        if st["next_probe"] is None:
+            st["next_probe"] = st["steps"] + st["gap"]
+        if st["steps"] >= st["next_probe"]:                 # probe the other mode once
+            st["probed"] = best
+            return not best
+        return best
 
     def observe(self, num_decoding: int, drafted: bool, tokens: int, seconds: float) -> None:
         """One pure decode step: `tokens` emitted by `num_decoding` sequences in `seconds`."""
@@ -114,7 +128,7 @@ class SpeculationPolicy:
             lo, hi = (1 << (b - 1)), (1 << b) - 1
             out[f"{lo}-{hi}" if hi > lo else f"{lo}"] = {
                 "tokens_per_s_drafting": st["rate"][True], "tokens_per_s_plain": st["rate"][False],
-                "drafting": st["choice"]}
+                "drafting": st["choice"], "probe_gap": st["gap"]}
         return {"adaptive": self.adaptive, "disable_batch_size": self.disable_batch_size, "by_batch_size": out}
 
 
@@ -183,9 +197,10 @@ class Speculator:
     def _catch_up_older(self, rows, dev):
         """The drafting graph catches up on at most q = k + 1 positions per sequence; older unseen positions
         (after a prefill, or after steps without drafting) go first. A few of them run through the same graph, q
-        at a time, its drafts discarded (their keys land on positions the next piece rewrites): fixed shapes, so
-        nothing specialises anew, which an eager catch-up of a new length did (70 ms per call on an H100 with the
-        default model, 2026-11-24). Many of them (a prompt) run eagerly, as one prefill-like forward of the head."""
+        at a time, its drafts discarded (their keys land on positions the next piece rewrites): fixed shapes. (An
+        eager catch-up of a new length took 70 ms to 2 s on an H100, mostly cuDNN building an attention plan for
+        each new shape, which ops/sdpa.py now avoids; 14-32 ms per eager catch-up since, default model.) Many of
+        them (a prompt) run eagerly, as one prefill-like forward of the head."""
         q = self.k + 1
         many = [(s, p, h[:-q]) for s, p, h in rows if h.shape[0] > GRAPH_CATCH_UP_MAX]
         if many:
