@@ -1,4 +1,5 @@
-"""Softmax attention with GQA: a dense causal form (training, full forward) and a paged form (serving).
+"""Softmax attention with GQA: a dense causal form (training, full forward) and a paged form (serving). Prefill
+attention goes through ops/sdpa.py, which on CUDA picks torch's SDPA backend per chunk (no per-shape cuDNN plans).
 
 Paged KV: each attention layer owns k_pages / v_pages [num_pages, page_size, kv_heads, head_dim]; a sequence's
 token at position p lives in page page_table[seq, p // page_size], row p % page_size.
