@@ -54,7 +54,13 @@ def setup(device: str = "auto") -> Layout:
 
 def teardown(layout: Layout) -> None:
     if layout.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+        # every rank past its last collective (the main rank may still be saving) before the group goes: a rank
+        # tearing gloo down while its peer still talks to it aborted once in CI ("terminate called without an
+        # active exception", 2026-11-24)
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def shard(root: nn.Module, layers: list[nn.Module]) -> None:
