@@ -195,33 +195,30 @@ def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=Non
     (Gated DeltaNet's q, k, v channels): the output comes as those three parts (contiguous ones from the Triton
     conv), else as one tensor. `l2norm_head` = d (with split): q and k come l2-normalised per head of d channels
     (in the Triton conv's pass; elsewhere by ops/gated_delta.l2norm after the conv)."""
+    parts = None
     if "causal_conv1d" in _overrides:
         y, final = _overrides["causal_conv1d"](x, weight, initial_state, **kw)
     elif (token_seq is not None and kw.get("cu_seqlens") is not None and x.shape[1] > 1
             and not kw.get("output_all_states") and _fused_elementwise_applies(x, weight)):
         from .triton_conv import causal_conv1d as conv
-        parts = split is not None and CONV_SPLIT_OUTPUT and split[0] == split[1] and sum(split) == x.shape[-1]
-        fuse_norm = parts and l2norm_head is not None and _conv_can_norm(split[0], l2norm_head)
+        from .triton_conv import l2norm_fits
+        apart = split is not None and CONV_SPLIT_OUTPUT and split[0] == split[1] and sum(split) == x.shape[-1]
+        fuse_norm = apart and l2norm_head is not None and l2norm_fits(split[0], l2norm_head)
         y, final = conv(x, weight, initial_state, kw["cu_seqlens"], token_seq, token_index,
-                        activation=kw.get("activation", True), split_qk=split[0] if parts else None,
+                        activation=kw.get("activation", True), split_qk=split[0] if apart else None,
                         l2norm_head=l2norm_head if fuse_norm else None)
-        if parts:
-            q, k, v = y
-            if l2norm_head is not None and not fuse_norm:
-                q, k = (_heads_l2norm(t, l2norm_head) for t in (q, k))
-            return [q, k, v], final
+        if fuse_norm:
+            return y, final
+        if apart:
+            parts = y
     else:
         y, final = _causal_conv1d(x, weight, initial_state, **kw)
     if split is None:
         return y, final
-    q, k, v = y.split(split, dim=-1)
+    q, k, v = parts if parts is not None else y.split(split, dim=-1)
     if l2norm_head is not None:
         q, k = (_heads_l2norm(t, l2norm_head) for t in (q, k))
     return [q, k, v], final
-
-
-def _conv_can_norm(cq: int, head: int) -> bool:
-    return head & (head - 1) == 0 and cq % head == 0 and head <= 256
 
 
 def _heads_l2norm(t, head: int):

@@ -75,6 +75,11 @@ def _final_state_kernel(X, H0, CU, OUT, C, stride_x, stride_hs, stride_os, K: tl
         tl.store(OUT + s.to(tl.int64) * stride_os + cols * (K - 1) + p, v, mask=c_ok)
 
 
+def l2norm_fits(split_qk: int, head: int) -> bool:
+    """Whether the conv can l2-normalise q and k itself: one program's channel block is one whole head."""
+    return head & (head - 1) == 0 and head <= 256 and split_qk % head == 0
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor,
                   token_seq: torch.Tensor, token_index: torch.Tensor, activation: bool = True,
                   split_qk: int | None = None, l2norm_head: int | None = None):
@@ -99,8 +104,9 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
         raise ValueError(f"split_qk must leave channels for v: 0 < 2 * {split_qk} < {C}")
     BT, BC = 16, 128
     if l2norm_head is not None:
-        if split_qk is None or l2norm_head & (l2norm_head - 1) or split_qk % l2norm_head:
-            raise ValueError(f"l2norm_head must be a power of two dividing split_qk, got {l2norm_head} / {split_qk}")
+        if split_qk is None or not l2norm_fits(split_qk, l2norm_head):
+            raise ValueError(f"l2norm_head must be a power of two <= 256 dividing split_qk, got {l2norm_head} / "
+                             f"{split_qk}")
         BC = l2norm_head
     _conv_kernel[(triton.cdiv(N, BT), triton.cdiv(C, BC))](
         x2, w, x2 if h0 is None else h0, token_seq, token_index, y, N, C, x2.stride(0), y.stride(0),
