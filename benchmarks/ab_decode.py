@@ -16,6 +16,8 @@ Switches:
   gdn-norm      the GDN decode step with its gated norm in the kernel, 32 value columns per program, the last of
                 a head's programs norming it (on: at one sequence; --set kernels.GDN_NORM_IN_KERNEL_MAX_SEQS=64
                 for larger steps too), or one program per head as until 2026-11-24 (off)
+  qk-rope       attention's q/k norms, rotation and KV write as one kernel and the rotary table as one
+                (ops/triton_rope.py; on), or Inductor's kernels, the KV write kernel and torch's nine rotary ops (off)
 """
 from __future__ import annotations
 
@@ -39,7 +41,11 @@ def _gdn_norm(on: bool) -> None:
     kernels.GDN_NORM_BLOCK_V = None if on else 128
 
 
-SWITCHES = {"pdl": _pdl, "gdn-norm": _gdn_norm}
+def _qk_rope(on: bool) -> None:
+    kernels.FUSED_QK_ROPE = on
+
+
+SWITCHES = {"pdl": _pdl, "gdn-norm": _gdn_norm, "qk-rope": _qk_rope}
 
 
 @torch.inference_mode()
@@ -111,9 +117,9 @@ def main() -> None:
         finally:
             fused.DECODE.update(max_tokens=limit)
             switch(True)
-        th = bench.time_head(model, B)
+        th = bench.time_outside_layers(model, B)
         floor = bench.decode_bytes(cfg, B, ctx) / bw
-        whole = {on: (min(t) - th) * cfg.num_hidden_layers / args.layers + th for on, t in times.items()}
+        whole = {on: bench.scale_to_model(min(t), th, cfg.num_hidden_layers, args.layers) for on, t in times.items()}
         same = torch.equal(outs[False][0], outs[True][0])
         deterministic = {("on" if on else "off"): torch.equal(*outs[on]) for on in (False, True)}
         diff = ((outs[False][0] - outs[True][0]).abs().max() / outs[False][0].abs().max()).item()

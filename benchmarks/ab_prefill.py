@@ -9,6 +9,10 @@ Switches:
   conv-split  our prefill conv writes GDN's q, k, v as three contiguous tensors (on) or one [N, C] output that
               fla's wrapper copies apart (off)
   add-norm    a layer's residual add inside the norm after it, one Triton pass (on), or a torch add first (off)
+  qk-rope     attention's q/k norms, rotation and KV write (and the rotary table) as ops/triton_rope.py's
+              kernels (on), or norm kernels + torch's rotation ops + index_copy_ (off)
+  combine     the MoE's gated shared expert and the layer's residual added in the experts' combine (on), or as
+              torch ops after it (off)
 """
 from __future__ import annotations
 
@@ -39,7 +43,16 @@ def _add_norm(on: bool) -> None:
     kernels.FUSED_ADD_NORM = on
 
 
-SWITCHES = {"experts": _experts, "conv-split": _conv_split, "add-norm": _add_norm}
+def _qk_rope(on: bool) -> None:
+    kernels.FUSED_QK_ROPE = on
+
+
+def _combine(on: bool) -> None:
+    kernels.FUSED_MOE_COMBINE = on
+
+
+SWITCHES = {"experts": _experts, "conv-split": _conv_split, "add-norm": _add_norm, "qk-rope": _qk_rope,
+            "combine": _combine}
 
 
 @torch.inference_mode()

@@ -483,6 +483,21 @@ def check_moe_prefill():
     gate_up = (torch.randn(E, 2 * I, H, device="cuda") * 0.02).bfloat16()
     down = (torch.randn(E, H, I, device="cuda") * 0.02).bfloat16()
     routed = {}
+    # the plan (histogram over many programs, tiles cut by the last to arrive, atomic scatter) against its torch
+    # reference, twice per size (the second call starts from the counters the first one put back)
+    for N in (1, 37, 512, 4096, 32768):
+        ids = ref_moe.route(torch.randn(N, E, device="cuda"), k, True)[1]
+        want = te.sorted_tiles(ids, E, te.UP_BLOCKS["BM"])
+        n_real = int((want[1] < E).sum())
+        for attempt in range(2):
+            got = te.plan(ids, E, te.UP_BLOCKS["BM"])
+            same = torch.equal(got[1].long(), want[1]) and all(torch.equal(g[:n_real].long(), w[:n_real])
+                                                                for g, w in zip(got[2:], want[2:]))
+            flat = ids.reshape(-1)
+            same = (same and torch.equal(torch.sort(got[0].long())[0], torch.arange(N * k, device="cuda"))
+                    and torch.equal(flat[got[0].long()], flat[want[0]]))       # each sorted row: the right expert
+            record(f"expert plan N={N} call {attempt + 1} (tiles, rows per expert as sorted_tiles')",
+                   0.0 if same else 1.0, 0.0)
     for N in (1, 37, 512, 4096):
         x = torch.randn(N, H, device="cuda").bfloat16()
         w, ids = ref_moe.route(torch.randn(N, E, device="cuda"), k, True)
@@ -494,7 +509,8 @@ def check_moe_prefill():
                    rel(ours, cuda_ops.experts_forward(x, gate_up, down, ids, w.bfloat16())), 2e-2)
     copy, mm = bench.copy_bandwidth(), bench.matmul_rate()
     print(f"copy {copy / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
-    print(f"{'tokens':>7} {'ours us':>9} {'grouped us':>10} {'floor us':>9} {'grouped/ours':>12} {'ours/floor':>10}")
+    print(f"{'tokens':>7} {'ours us':>9} {'grouped us':>10} {'floor us':>9} {'grouped/ours':>12} {'ours/floor':>10} "
+          f"{'plan us':>8}")
     with torch.inference_mode():
         for N in (512, 2048, 4096, 8192, 16384, 32768):
             x = torch.randn(N, H, device="cuda").bfloat16()
@@ -504,13 +520,14 @@ def check_moe_prefill():
             hit = int(torch.unique(ids).numel())
             floor = max((hit * 3 * H * I * 2 + 2 * N * H * 2) / copy, 2 * N * k * 3 * H * I / mm)
             t_ours, _ = bench.time_step(lambda: te.experts_forward(x, gate_up, down, ids, w))
+            t_plan, _ = bench.time_step(lambda: te.plan(ids, E, te.UP_BLOCKS["BM"]))     # its share of ours
             t_grp = float("nan")
             if cuda_ops.has_grouped_mm():
                 t_grp, _ = bench.time_step(lambda: cuda_ops.experts_forward(x, gate_up, down, ids, w))
             ROWS.append({"check": f"triton experts timing N={N}", "ours_us": t_ours * 1e6, "grouped_us": t_grp * 1e6,
-                         "floor_us": floor * 1e6, "ok": True})
+                         "floor_us": floor * 1e6, "plan_us": t_plan * 1e6, "ok": True})
             print(f"{N:>7} {t_ours * 1e6:>9.0f} {t_grp * 1e6:>10.0f} {floor * 1e6:>9.0f} {t_grp / t_ours:>12.2f} "
-                  f"{t_ours / floor:>10.2f}", flush=True)
+                  f"{t_ours / floor:>10.2f} {t_plan * 1e6:>8.1f}", flush=True)
         for N in (4096, 32768) if SWEEP else ():
             x, w, ids = routed[N]
             sweep = []
@@ -531,6 +548,70 @@ def check_moe_prefill():
                 print(f"  N={N} best: {t * 1e6:8.0f} us  {kind} {blocks}")
             ROWS.append({"check": f"triton experts sweep N={N}", "ok": True,
                          "results": [{"us": t * 1e6, "kernel": kind, **blocks} for t, kind, blocks in sweep]})
+
+
+def check_rope():
+    """Attention's input preparation (ops/triton_rope.py): the rotary table bit for bit against torch's, and q/k
+    norm + rotation + KV write on 80B-A3B and Qwen3-32B heads against the torch path (norm kernel, rotation ops,
+    KV write) in bf16 and the fp32 reference; timed side by side in CUDA graphs."""
+    from qwen3next import bench
+    from qwen3next.config import preset
+    from qwen3next.model.rope import rope_inv_freq
+    from qwen3next.ops import attention as attn_ops, kernels, rope as rope_ops, triton_rope
+    torch.manual_seed(0)
+    for name in ("qwen3-next-80b-a3b", "qwen3-32b"):
+        cfg = preset(name)
+        inv, scaling = rope_inv_freq(cfg)
+        inv = inv.cuda()
+        pos = torch.cat([torch.arange(4096), torch.randint(0, 1 << 20, (4096,))]).cuda()
+        for dt in (torch.bfloat16, torch.float32):
+            got, want = triton_rope.rotary_cos_sin(pos, inv, scaling, dt), rope_ops.rotary_cos_sin(pos, inv, scaling, dt)
+            diff = max((g.float() - w.float()).abs().max().item() for g, w in zip(got, want))
+            record(f"rotary table {name} {str(dt)[6:]} (max abs diff, bit for bit)", diff, 0.0)
+        Hq, Hkv, D, R = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rotary_dim
+        zc = cfg.model_type == "qwen3_next"
+        wq, wk = (torch.randn(D, device="cuda") * 0.1 + (0 if zc else 1)).bfloat16(), \
+            (torch.randn(D, device="cuda") * 0.1 + (0 if zc else 1)).bfloat16()
+        gated = 2 if cfg.attn_output_gate else 1
+        print(f"{name}: {'tokens':>7} {'fused us':>9} {'torch us':>9} {'torch/fused':>11}")
+        for N in (1, 4096, 32768):
+            qg = torch.randn(N, Hq, gated * D, device="cuda").bfloat16()
+            q, k, v = qg[..., :D], torch.randn(N, Hkv, D, device="cuda").bfloat16(), \
+                torch.randn(N, Hkv, D, device="cuda").bfloat16()
+            cos, sin = rope_ops.rotary_cos_sin(pos[:N] if N <= pos.numel() else torch.arange(N, device="cuda"), inv,
+                                               scaling, torch.bfloat16)
+            pages = N // 64 + 2
+            kp = torch.zeros(pages, 64, Hkv, D, device="cuda", dtype=torch.bfloat16)
+            vp, kp2, vp2 = torch.zeros_like(kp), torch.zeros_like(kp), torch.zeros_like(kp)
+            slots = torch.randperm(pages * 64, device="cuda")[:N]
+            got_q, got_k = triton_rope.qk_norm_rope(q, k, v, wq, wk, 1e-6, zc, cos, sin, kp, vp, slots)
+            want_q, want_k = rope_ops.qk_norm_rope(q.float(), k.float(), wq.float(), wk.float(), 1e-6, zc,
+                                                   cos.float(), sin.float())
+            record(f"qk_norm_rope {name} N={N} q (bf16 vs fp32 reference)", rel(got_q, want_q), 1e-2)
+            record(f"qk_norm_rope {name} N={N} k (bf16 vs fp32 reference)", rel(got_k, want_k), 1e-2)
+            attn_ops.write_kv(kp2, vp2, got_k, v, slots)
+            record(f"qk_norm_rope {name} N={N} KV pages (vs write_kv of its k, v)",
+                   max((kp - kp2).abs().max().item(), (vp - vp2).abs().max().item()), 0.0)
+            kernels.FUSED_QK_ROPE = False
+            try:
+                tq, tk = kernels.qk_norm_rope(q, k, v, wq, wk, 1e-6, zc, cos, sin, kp2, vp2, slots)
+                t_torch, _ = bench.time_step(lambda: kernels.qk_norm_rope(q, k, v, wq, wk, 1e-6, zc, cos, sin, kp2,
+                                                                          vp2, slots))
+            finally:
+                kernels.FUSED_QK_ROPE = True
+            record(f"qk_norm_rope {name} N={N} q vs the torch path (both bf16)", rel(got_q, tq), 1e-2)
+            t_fused, _ = bench.time_step(lambda: triton_rope.qk_norm_rope(q, k, v, wq, wk, 1e-6, zc, cos, sin, kp,
+                                                                          vp, slots))
+            ROWS.append({"check": f"qk_norm_rope timing {name} N={N}", "fused_us": t_fused * 1e6,
+                         "torch_us": t_torch * 1e6, "ok": True})
+            print(f"{name}: {N:>7} {t_fused * 1e6:>9.1f} {t_torch * 1e6:>9.1f} {t_torch / t_fused:>11.2f}", flush=True)
+        for N in (1, 4096):
+            p = torch.arange(N, device="cuda") + 4000
+            t_f, _ = bench.time_step(lambda: triton_rope.rotary_cos_sin(p, inv, scaling, torch.bfloat16))
+            t_t, _ = bench.time_step(lambda: rope_ops.rotary_cos_sin(p, inv, scaling, torch.bfloat16))
+            ROWS.append({"check": f"rotary table timing {name} N={N}", "fused_us": t_f * 1e6, "torch_us": t_t * 1e6,
+                         "ok": True})
+            print(f"{name}: rotary table N={N}: {t_f * 1e6:.1f} us vs torch {t_t * 1e6:.1f} us", flush=True)
 
 
 def _conv_then_fla_l2norm(x, w, h0, meta):
@@ -598,6 +679,9 @@ def check_prefill_glue():
                                            lambda: cuda_ops._weighted_swiglu(h, rw, I)),
         "combine [40960, 2048] k=10": (lambda: triton_grouped.combine(y, inverse, k),
                                        lambda: cuda_ops._combine(y, inverse, k)),
+        "combine + shared expert + residual [4096, 2048]": (
+            lambda: triton_grouped.combine(y, None, k, x, ba[:, :1], o.view(T, -1)[:, :H]),
+            lambda: o.view(T, -1)[:, :H] + (triton_grouped.combine(y, None, k) + torch.sigmoid(ba[:, :1]) * x)),
     }
     print(f"{'pass':40s} {'fused us':>9} {'torch us':>9} {'torch/fused':>11}")
     for name, (fused_fn, torch_fn) in cases.items():
@@ -605,6 +689,8 @@ def check_prefill_glue():
         record(f"{name}: fused vs torch (bf16)", rel(flat(fused_fn()), flat(torch_fn())), 1e-2)
         if name.startswith("residual add"):       # the sum is x + h exactly, rounded as torch rounds it
             record(f"{name}: the sum bit for bit", float(not torch.equal(fused_fn()[0], torch_fn()[0])), 0.5)
+        if name.startswith("combine + shared"):   # each step rounded as the torch ops round
+            record(f"{name}: bit for bit", float(not torch.equal(fused_fn(), torch_fn())), 0.5)
         with torch.inference_mode():
             tf, _ = bench.time_step(fused_fn)
             tt, _ = bench.time_step(torch_fn)
@@ -728,7 +814,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
                     help="comma-separated sections: gdn,gdn_decode,gdn_verify,moe,moe_decode,moe_prefill,gemv,conv,paged,prefill,"
-                         "e2e "
+                         "rope,e2e "
                          "(default: all; "
                          "gdn is the slow one)")
     ap.add_argument("--no-fused-step-kernels", action="store_true",
@@ -743,7 +829,7 @@ def main():
     if args.no_fused_step_kernels:
         kernels.FUSED_STEP_KERNELS = False
     only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "gdn_verify", "moe", "moe_decode", "moe_prefill",
-                                                        "gemv", "conv", "paged", "sdpa", "prefill", "e2e"}
+                                                        "gemv", "conv", "paged", "sdpa", "prefill", "rope", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
            "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
     try:
@@ -757,7 +843,7 @@ def main():
                      ("moe", check_moe),
                      ("moe_decode", check_moe_decode), ("moe_prefill", check_moe_prefill), ("gemv", check_gemv),
                      ("conv", check_conv), ("paged", check_paged_decode), ("sdpa", check_sdpa),
-                     ("prefill", check_prefill_glue),
+                     ("prefill", check_prefill_glue), ("rope", check_rope),
                      ("e2e", check_end_to_end)):
         if name in only:
             fn()

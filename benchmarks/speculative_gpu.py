@@ -75,8 +75,7 @@ def main() -> int:
           flush=True)
     for B in [int(b) for b in args.batches.split(",") if b]:
         t, graphed, paths = bench.time_decode(m, B, args.ctx)
-        th = bench.time_head(m, B)
-        plain = (t - th) * L / n + th
+        plain = bench.scale_to_model(t, bench.time_outside_layers(m, B), L, n)
         try:
             sp = bench.time_speculative(m, B, args.ctx, args.k)
         except Exception as e:  # noqa: BLE001 - report and go on

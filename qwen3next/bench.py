@@ -1,7 +1,8 @@
 """`qwen3next bench`: Qwen3-Next-80B-A3B vs dense Qwen3-32B vs transformers, side by side, on real layer shapes.
 
 N layers of each model are built with random bf16 weights (as many as fit), timed, and scaled to the whole model:
-whole = (t_N - t_head) * L / N + t_head, where t_head (final norm + lm_head) is timed on its own. Every figure
+whole = (t_N - t_out) * L / N + t_out, where t_out (the embedding lookup and rotary table before the layers, the
+final norm and lm_head after them) is timed on its own. Every figure
 comes with its physical floor, from rates measured in the same run: bytes that must move / measured copy
 bandwidth (decode); for prefill, per layer the longer of its FLOPs / measured bf16 matmul rate and its
 bytes / bandwidth (at 4K tokens a Qwen3-Next layer is bound by reading all its experts, not by FLOPs).
@@ -308,11 +309,27 @@ def time_speculative(model, batch: int, ctx: int, k: int, page_size: int = 64) -
 
 
 @torch.inference_mode()
-def time_head(model, tokens: int) -> float:
-    """Final norm + lm_head, in a CUDA graph like the steps it is subtracted from (timed eagerly, its launch gaps
-    made the head look slower and so the scaled whole-model step faster: up to 0.2 ms at batch 1, 2026-11-23)."""
-    h = torch.randn(1, tokens, model.config.hidden_size, device=DEV["device"], dtype=DEV["dtype"])
-    return time_step(lambda: model.lm_head(model.model.norm(h)))[0]
+def time_outside_layers(model, tokens: int, logit_rows: int | None = None) -> float:
+    """The per-step work outside the decoder layers, in a CUDA graph like the steps it is subtracted from: the
+    embedding lookup and rotary table of `tokens` tokens, the final norm and lm_head of `logit_rows` rows (default:
+    all). Done once per step whatever the depth, so a step is scaled as whole = (t_N - this) * L / N + this. (The
+    head timed eagerly made the scaled step up to 0.2 ms too fast at batch 1, 2026-11-23; the embedding and rotary
+    table scaled with the layers counted their ~15 us five more times, 2026-11-24.)"""
+    dev, cfg = DEV["device"], model.config
+    ids = torch.randint(0, cfg.vocab_size, (tokens,), device=dev)
+    pos = torch.arange(tokens, device=dev)[None]
+    h = torch.randn(1, logit_rows or tokens, cfg.hidden_size, device=dev, dtype=DEV["dtype"])
+
+    def step():
+        model.model.embed_tokens(ids)
+        model.rotary(pos, DEV["dtype"])
+        return model.lm_head(model.model.norm(h))
+    return time_step(step)[0]
+
+
+def scale_to_model(t_n: float, outside: float, layers: int, built: int) -> float:
+    """A step of `built` layers (t_n, s) scaled to `layers`; `outside` from time_outside_layers is not scaled."""
+    return (t_n - outside) * layers / built + outside
 
 
 def speculative_round(m, cfg: ModelConfig, n: int, sp: dict, plain: float, k: int, acceptance: float, log=print,
@@ -321,10 +338,10 @@ def speculative_round(m, cfg: ModelConfig, n: int, sp: dict, plain: float, k: in
     verification (faster of its two layer paths) and the commit scale with the layers, the MTP drafting does not;
     `plain` is the whole-model plain decode step (s) it is compared with."""
     L = cfg.num_hidden_layers
-    th = time_head(m, B * (k + 1))
+    th = time_outside_layers(m, B * (k + 1))
     gdn = sum(t != "full_attention" for t in m.config.layer_types)      # layers whose states commit
     gdn_whole = sum(t != "full_attention" for t in cfg.layer_types)
-    scaled = {p: (sp[f"verify_{p}_s"] - th) * L / n + th for p in ("eager_layers", "compiled_layers")}
+    scaled = {p: scale_to_model(sp[f"verify_{p}_s"], th, L, n) for p in ("eager_layers", "compiled_layers")}
     path = min(scaled, key=scaled.get)
     verify_whole = scaled[path]
     commit_whole = sp["commit_s"] * gdn_whole / max(gdn, 1)
@@ -405,10 +422,11 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
         L = cfg.num_hidden_layers
         r: dict = {"prefill": {}, "decode": {}}
         for T in contexts:
-            (t, paths), th = time_prefill(m, T), time_head(m, 1)
-            whole = (t - th) * L / n + th
+            (t, paths), th = time_prefill(m, T), time_outside_layers(m, T, logit_rows=1)
+            whole = scale_to_model(t, th, L, n)
             floor = prefill_floor(cfg, T, flops, bw)
-            r["prefill"][T] = {"ms_measured": t * 1e3, "ms_whole": whole * 1e3, "tok_s_whole": T / whole,
+            r["prefill"][T] = {"ms_measured": t * 1e3, "ms_outside_layers": th * 1e3, "ms_whole": whole * 1e3,
+                               "tok_s_whole": T / whole,
                                "floor_ms_whole": floor * 1e3, "over_floor": whole / floor,
                                "ms_measured_by_path": {p: v * 1e3 for p, v in paths.items()},
                                "path": min(paths, key=paths.get)}
@@ -417,10 +435,11 @@ def run(layers: int = 8, dense_layers: int = 8, contexts=(4096, 32768), batches=
         for B in (1, *batches):
             for ctx in (contexts if B == 1 else contexts[:1]):
                 t, graphed, paths = time_decode(m, B, ctx)
-                th = time_head(m, B)
-                whole = (t - th) * L / n + th
+                th = time_outside_layers(m, B)
+                whole = scale_to_model(t, th, L, n)
                 floor = decode_bytes(cfg, B, ctx) / bw
-                r["decode"][f"b{B}_ctx{ctx}"] = {"ms_step_measured": t * 1e3, "ms_step_whole": whole * 1e3,
+                r["decode"][f"b{B}_ctx{ctx}"] = {"ms_step_measured": t * 1e3, "ms_outside_layers": th * 1e3,
+                                                 "ms_step_whole": whole * 1e3,
                                                  "tok_s_whole": B / whole, "floor_ms_whole": floor * 1e3,
                                                  "over_floor": whole / floor, "cuda_graph": graphed,
                                                  "ms_step_measured_by_path": {p: v * 1e3 for p, v in paths.items()},

@@ -139,3 +139,25 @@ def test_gdn_verify_op_states_its_outputs_right():
             torch.randn(S, T, Hv), torch.randn(Hv), torch.randn(Hv), torch.randn(4, Hv, dk, dv),
             torch.tensor([3, 1]), torch.tensor([False, True]))
     torch.library.opcheck(custom_ops.gdn_verify, args)
+
+
+def test_qk_norm_rope_op_is_the_reference_and_states_its_outputs_right():
+    """The custom op of attention's q/k preparation (ops/triton_rope.py inside compiled decode layers): its CPU
+    kernel is the torch reference followed by the KV write, and its fake matches it (opcheck), for q a strided view
+    with the output gate between heads."""
+    from qwen3next.ops import attention, custom_ops, rope
+    N, Hq, Hkv, D = 3, 4, 2, 16
+    qg, k, v = torch.randn(N, Hq, 2 * D), torch.randn(N, Hkv, D), torch.randn(N, Hkv, D)
+    q = qg[..., :D]
+    wq, wk = torch.randn(D) * 0.1, torch.randn(D) * 0.1
+    cos, sin = rope.rotary_cos_sin(torch.tensor([5, 0, 9]), 1.0 / (1e4 ** (torch.arange(0, 8, 2) / 8)), 1.0,
+                                   torch.float32)
+    kp, vp = torch.zeros(4, 4, Hkv, D), torch.zeros(4, 4, Hkv, D)
+    slots = torch.tensor([7, 0, 13])
+    got_q, got_k = custom_ops.qk_norm_rope_kv(q, k, v, wq, wk, 1e-6, True, cos, sin, kp, vp, slots)
+    want_q, want_k = rope.qk_norm_rope(q, k, wq, wk, 1e-6, True, cos, sin)
+    want_kp, want_vp = torch.zeros_like(kp), torch.zeros_like(vp)
+    attention.write_kv(want_kp, want_vp, want_k, v, slots)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(kp, want_kp) and torch.equal(vp, want_vp)
+    torch.library.opcheck(custom_ops.qk_norm_rope_kv, (q, k, v, wq, wk, 1e-6, True, cos, sin, kp, vp, slots))

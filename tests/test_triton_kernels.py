@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 72, r.stdout
+    assert r.stdout.count("max error") == 81, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -148,6 +148,21 @@ def test_paged_attention_kernel_compiles_for_hopper(block_n):
     _assert_pdl(write)
 
 
+@pytest.mark.parametrize("write,bt,zc", [(True, 1, True), (False, 16, True), (True, 16, False)])
+def test_attention_prep_kernels_compile_for_hopper(write, bt, zc):
+    from qwen3next.ops import triton_rope as r
+    k = _compile(r._qk_norm_rope_kernel, {**_ptrs("Q K V WQ WK COS SIN QO KO KP VP", "bf16"), "SLOTS": "*i64",
+                                          "N": "i32", "eps": "fp32",
+                                          **_ints("sq_t sq_h sk_t sk_h sv_t sv_h sc_t ss_t sqo_t sqo_h sko_t sko_h "
+                                                  "sp_r sp_h")},
+                 dict(HQ=16, HKV=2, D=256, R=64, ZERO_CENTERED=zc, WRITE=write, BT=bt, PDL=True))
+    _assert_pdl(k)
+    rot = _compile(r._rotary_kernel, {"POS": "*i64", "INV_FREQ": "*fp32", **_ptrs("COS SIN", "bf16"), "N": "i32",
+                                      "scaling": "fp32", **_ints("stride_c stride_s")},
+                   dict(HALF=32, BHALF=32, BT=16))
+    assert "cos.approx" not in rot.asm["ptx"] and "sin.approx" not in rot.asm["ptx"]   # CUDA's precise cos, sin
+
+
 @pytest.mark.parametrize("mode,add", [(0, False), (1, False), (2, False), (0, True)])
 def test_norm_kernel_compiles_for_hopper(mode, add):
     from qwen3next.ops import triton_norm as n
@@ -182,9 +197,12 @@ def test_grouped_glue_kernels_compile_for_hopper():
     from qwen3next.ops import triton_grouped as g
     s = _compile(g._swiglu_kernel, {**_ptrs("Hin", "bf16"), "Wt": "*bf16", "Out": "*bf16",
                                     **_ints("M stride_h stride_o")}, dict(I=512, ROWS=16, BLOCK_I=256))
-    c = _compile(g._combine_kernel, {"Y": "*bf16", "INV": "*i64", "Out": "*bf16", **_ints("stride_y stride_o")},
-                 dict(K=10, H=2048, BLOCK_H=1024))
-    assert ".entry _swiglu_kernel" in s.asm["ptx"] and ".entry _combine_kernel" in c.asm["ptx"]
+    for extra in (False, True):     # with the gated shared expert and the residual added in the same pass
+        c = _compile(g._combine_kernel, {"Y": "*bf16", "INV": "*i64", "Out": "*bf16", **_ptrs("SH SG RES", "bf16"),
+                                         **_ints("stride_y stride_o stride_sh stride_sg stride_r")},
+                     dict(K=10, H=2048, BLOCK_H=1024, GATHER=False, SHARED=extra, RESIDUAL=extra))
+        assert ".entry _combine_kernel" in c.asm["ptx"]
+    assert ".entry _swiglu_kernel" in s.asm["ptx"]
 
 
 def test_prefill_expert_kernels_compile_for_hopper():
@@ -198,11 +216,11 @@ def test_prefill_expert_kernels_compile_for_hopper():
                     dict(I=512, H=2048, **{k: v for k, v in m.DOWN_BLOCKS.items() if k.startswith("B")}))
     for k in (up, down):      # Hopper's warpgroup matrix instructions
         assert "wgmma.mma_async" in k.asm["ptx"]
-    plan = _compile(m._plan_kernel, {"IDS": "*i64", **_ptrs("CURSOR TILE_E TILE_R0 TILE_R1", "i32"),
+    plan = _compile(m._plan_kernel, {"IDS": "*i64", **_ptrs("COUNTS ARRIVED CURSOR TILE_E TILE_R0 TILE_R1", "i32"),
                                      **_ints("M n_tiles")}, dict(E=512, BE=512, BM=128, BLOCK=1024))
     scatter = _compile(m._scatter_kernel, {"IDS": "*i64", **_ptrs("CURSOR ORDER", "i32"), **_ints("M")},
                        dict(BLOCK=1024))
-    assert ".entry _plan_kernel" in plan.asm["ptx"] and "atom.global" in scatter.asm["ptx"]
+    assert "atom.global" in plan.asm["ptx"] and "atom.global" in scatter.asm["ptx"]
 
 
 def test_moe_reference_per_slot_sums_to_the_moe_block():

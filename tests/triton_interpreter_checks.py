@@ -144,6 +144,34 @@ write_kv(got_k, got_v, kn, vn, slots)
 check("write_kv keys", got_k, want_k, 1e-7)
 check("write_kv values", got_v, want_v, 1e-7)
 
+# attention's input preparation (ops/triton_rope.py): the rotary table; q/k norms + partial rotation, q a strided
+# view (its gates between heads), zero-centred and plain weights, with and without the KV write; fp32 (the
+# interpreter's bf16 rounding is not the GPU's: benchmarks/check_gpu.py compares bf16)
+from qwen3next.ops import rope as rope_ops, triton_rope  # noqa: E402
+pos = torch.tensor([0, 3, 17, 4095, 262143, 9])
+inv = 1.0 / (1e7 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+for got, want, part in zip(triton_rope.rotary_cos_sin(pos[None], inv, 1.3, torch.float32),
+                           rope_ops.rotary_cos_sin(pos[None], inv, 1.3, torch.float32), ("cos", "sin")):
+    check(f"rotary {part}", got, want, 1e-6)
+N, Hq, Hkv, D, R = 5, 4, 2, 32, 16
+qg = torch.randn(N, Hq, 2 * D)                    # [query | gate] per head, as the q projection's rows
+q, kk, vv = qg[..., :D], torch.randn(N, Hkv, D), torch.randn(N, Hkv, D)
+wq, wk = torch.randn(D) * 0.2, torch.randn(D) * 0.2
+cos, sin = rope_ops.rotary_cos_sin(torch.tensor([7, 0, 130, 131, 2]), inv, 1.0, torch.float32)
+for zc in (True, False):
+    want_q, want_k = rope_ops.qk_norm_rope(q, kk, wq + (0 if zc else 1), wk + (0 if zc else 1), 1e-6, zc, cos, sin)
+    got_q, got_k = triton_rope.qk_norm_rope(q, kk, None, wq + (0 if zc else 1), wk + (0 if zc else 1), 1e-6, zc,
+                                            cos, sin)
+    check(f"qk_norm_rope q ({'zero-centred' if zc else 'plain'})", got_q, want_q, 1e-5)
+    check(f"qk_norm_rope k ({'zero-centred' if zc else 'plain'})", got_k, want_k, 1e-5)
+kp, vp = torch.zeros(6, 4, Hkv, D), torch.zeros(6, 4, Hkv, D)
+want_kp, want_vp = kp.clone(), vp.clone()
+slots = torch.tensor([9, 0, 23, 4, 12])
+attention.write_kv(want_kp, want_vp, want_k, vv, slots)
+got_q, got_k = triton_rope.qk_norm_rope(q, kk, vv, wq + 1, wk + 1, 1e-6, False, cos, sin, kp, vp, slots)
+check("qk_norm_rope with the KV write: keys", kp, want_kp, 1e-5)
+check("qk_norm_rope with the KV write: values", vp, want_vp, 1e-7)
+
 # RMS norms: zero-centred, plain, gated; a row width that is not a power of two, a strided (non-contiguous) input
 x, z = torch.randn(7, 3, 48), torch.randn(7, 3, 48)
 w = torch.randn(48) * 0.2
@@ -166,6 +194,9 @@ check("weighted_swiglu", triton_grouped.weighted_swiglu(h, rw, inter), cuda_ops.
 y, inverse = torch.randn(N * kk, Hd), torch.randperm(N * kk)
 check("combine", triton_grouped.combine(y, inverse, kk), cuda_ops._combine(y, inverse, kk), 1e-5)
 check("combine, rows in token order", triton_grouped.combine(y, None, kk), y.view(N, kk, Hd).sum(1), 1e-5)
+sh, sg, res = torch.randn(N, Hd), torch.randn(N, 1), torch.randn(N, Hd)
+check("combine + gated shared expert + residual", triton_grouped.combine(y, None, kk, sh, sg, res),
+      res + (y.view(N, kk, Hd).sum(1) + torch.sigmoid(sg) * sh), 1e-5)
 
 # the routed experts of a prefill chunk as two GEMM kernels over expert-sorted tiles (fp32 here: the
 # interpreter's dot of bf16 inputs is wrong; bf16 is checked on the GPU): tiles of several experts, experts with

@@ -38,15 +38,21 @@ class Attention(nn.Module):
         gate = None
         if self.gated:
             q, gate = q.split(self.head_dim, dim=-1)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k.view(B, T, self.n_kv, self.head_dim)), cos, sin)
+        k = k.view(B, T, self.n_kv, self.head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim)
+        qn, kn = self.q_norm, self.k_norm
+        if B == 1:  # packed rows (every cached batch): q/k norms, rotation and the KV write, one pass on GPU
+            pages = () if kv is None else (kv.k, kv.v, meta.slot_mapping)
+            q, k = kernels.qk_norm_rope(q[0], k[0], v[0], qn.weight, kn.weight, qn.eps, qn.zero_centered,
+                                        cos.reshape(T, -1), sin.reshape(T, -1), *pages)
+            q, k = q[None], k[None]
+        else:
+            q, k = apply_rope(qn(q), cos, sin), apply_rope(kn(k), cos, sin)
         if kv is None:
             out = kernels.causal_attention(q, k, v, self.scale)
             if gate is not None:
                 out = out * torch.sigmoid(gate)
-        else:  # packed batch (B == 1): store the new keys, then attend over each sequence's pages (and gate)
-            kernels.write_kv(kv.k, kv.v, k[0], v[0], meta.slot_mapping)
+        else:  # packed batch (B == 1): the new keys are stored; attend over each sequence's pages (and gate)
             out = kernels.paged_attention(q[0], kv.k, kv.v, meta, self.scale,
                                           gate=None if gate is None else gate[0], k=k[0], v=v[0])[None]
         return self.o_proj(out.reshape(B, T, -1))

@@ -19,8 +19,10 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden, inter, bias=False)
         self.down_proj = Linear(inter, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The SwiGLU MLP of x, plus `residual` if given (a decoder layer's residual add)."""
+        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return y if residual is None else residual + y
 
 
 class Experts(nn.Module):
@@ -39,10 +41,12 @@ class SparseMoE(nn.Module):
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [..., H] -> (output [..., H], router logits [N, E])."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., H] -> (output [..., H], router logits [N, E]); with `residual` the output is residual + the
+        block's (the decoder layer's residual add: on the GPU's prefill path, inside the experts' combine)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        res = residual.reshape(-1, shape[-1]) if residual is not None else None
         logits = self.gate(x)
         weights, ids = kernels.route(logits, self.top_k, self.norm_topk_prob)
         if kernels.moe_decode_applies(x):     # a few tokens on GPU: routed + shared experts in two fused kernels
@@ -53,7 +57,8 @@ class SparseMoE(nn.Module):
             se = self.shared_expert
             y = kernels.moe_decode(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights,
                                    se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight, shared_weight)
-            return y.view(shape), logits
-        y = kernels.experts_forward(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights)
-        y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            return (y if res is None else res + y).view(shape), logits
+        y = kernels.experts_forward(x, self.experts.gate_up_proj, self.experts.down_proj, ids, weights,
+                                    shared=self.shared_expert(x), shared_logit=self.shared_expert_gate(x),
+                                    residual=res)
         return y.view(shape), logits

@@ -54,11 +54,8 @@ class DecoderLayer(nn.Module):
         else:
             h = self.linear_attn(h, layer_cache, meta)
         x, h = self.post_attention_layernorm.add_and_norm(x, h)     # x + h and its norm
-        h = self.mlp(h)
-        router_logits = None
-        if isinstance(h, tuple):
-            h, router_logits = h
-        return x + h, router_logits
+        out = self.mlp(h, residual=x)                                # x + mlp(h)
+        return out if isinstance(out, tuple) else (out, None)       # (x, router logits of a MoE block)
 
 
 def _call_layer(layer, x, cos, sin, layer_cache, meta):

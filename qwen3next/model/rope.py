@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..ops import kernels
+from ..ops.rope import apply_rope  # noqa: F401 - where the model's modules have always imported it from
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -63,16 +65,4 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self._per_device.get(positions.device)
         if inv_freq is None:
             inv_freq = self._per_device[positions.device] = self.inv_freq.to(positions.device)
-        freqs = positions.to(torch.float32)[..., None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., T, H, D]; cos/sin [..., T, R] with R <= D. Rotates the first R dims, passes the rest through."""
-    r = cos.shape[-1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    rot, rest = x[..., :r], x[..., r:]
-    half = r // 2
-    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+        return kernels.rotary_cos_sin(positions, inv_freq, self.attention_scaling, dtype)

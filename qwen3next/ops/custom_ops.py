@@ -2,9 +2,9 @@
 
 A compiled decode layer (ops/fused.decode_compiled) fuses the small torch ops around these calls; the kernels
 themselves (flash-linear-attention's fused recurrent delta rule, our Triton paged decode attention and KV write,
-decode MoE, routing and GDN decode step) are launched as they are. Each op has a "fake" implementation that only
+attention's q/k norm + rotation + KV write, decode MoE, routing and GDN decode step) are launched as they are. Each op has a "fake" implementation that only
 states the output shapes, which is all the compiler needs. The decode MoE, routing, conv and GDN steps, the
-one-row linear, the paged decode attention and the KV write also have a CPU kernel, the torch reference, so that
+one-row linear, the paged decode attention, the KV write and the q/k preparation also have a CPU kernel, the torch reference, so that
 CPU tests can trace and run them inside a compiled decode layer. The implementations import their GPU libraries
 lazily, so registering the ops costs nothing on CPU.
 """
@@ -73,6 +73,30 @@ def write_kv(k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor, v: t
 def _(k_pages, v_pages, k, v, slot_mapping):
     from .attention import write_kv as reference
     reference(k_pages, v_pages, k, v, slot_mapping)
+
+
+@torch.library.custom_op("qwen3next::qk_norm_rope_kv", mutates_args=("k_pages", "v_pages"))
+def qk_norm_rope_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor,
+                    k_weight: torch.Tensor, eps: float, zero_centered: bool, cos: torch.Tensor, sin: torch.Tensor,
+                    k_pages: torch.Tensor, v_pages: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ops/triton_rope.qk_norm_rope with the KV write: (q, k) normed and rotated, k and v stored in the pages."""
+    from .triton_rope import qk_norm_rope as kernel
+    return kernel(q, k, v, q_weight, k_weight, eps, zero_centered, cos, sin, k_pages, v_pages, slot_mapping)
+
+
+@qk_norm_rope_kv.register_kernel("cpu")
+def _(q, k, v, q_weight, k_weight, eps, zero_centered, cos, sin, k_pages, v_pages, slot_mapping):
+    from .attention import write_kv
+    from .rope import qk_norm_rope
+    qo, ko = qk_norm_rope(q, k, q_weight, k_weight, eps, zero_centered, cos, sin)
+    write_kv(k_pages, v_pages, ko, v, slot_mapping)
+    return qo, ko
+
+
+@qk_norm_rope_kv.register_fake
+def _(q, k, v, q_weight, k_weight, eps, zero_centered, cos, sin, k_pages, v_pages, slot_mapping):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
 @torch.library.custom_op("qwen3next::moe_decode", mutates_args=())

@@ -18,6 +18,7 @@ from . import gated_delta as _gdr
 from . import gdn_projections as _proj
 from . import moe as _moe
 from . import norm as _norm
+from . import rope as _rope
 
 _overrides: dict = {}
 
@@ -142,12 +143,31 @@ def _triton_experts_apply(x, gate_up, down, weights) -> bool:
                                                                                                  weights))
 
 
-def experts_forward(x, gate_up, down, ids, weights):
+# the shared expert's gated output and the layer's residual added in the Triton experts' combine (one pass instead
+# of a sigmoid, a product and two sums as torch kernels); False: torch ops after it (ab_prefill.py --switch combine)
+FUSED_MOE_COMBINE = True
+
+
+def experts_forward(x, gate_up, down, ids, weights, shared=None, shared_logit=None, residual=None):
+    """The routed experts [N, H]; with `shared` and `shared_logit` plus sigmoid(shared_logit) * shared (the shared
+    expert behind its gate), with `residual` plus it: added in the Triton experts' combine where they run."""
+    if ("experts_forward" not in _overrides and _triton_experts_apply(x, gate_up, down, weights)
+            and not torch.compiler.is_compiling()):
+        from .triton_experts import experts_forward as triton_experts
+        if FUSED_MOE_COMBINE:
+            return triton_experts(x, gate_up, down, ids, weights.to(x.dtype), shared=shared,
+                                  shared_logit=shared_logit, residual=residual)
+        y = triton_experts(x, gate_up, down, ids, weights.to(x.dtype))
+    else:
+        y = _routed_experts(x, gate_up, down, ids, weights)
+    if shared is not None:
+        y = y + torch.sigmoid(shared_logit) * shared
+    return y if residual is None else residual + y
+
+
+def _routed_experts(x, gate_up, down, ids, weights):
     if "experts_forward" in _overrides:
         return _overrides["experts_forward"](x, gate_up, down, ids, weights)
-    if _triton_experts_apply(x, gate_up, down, weights) and not torch.compiler.is_compiling():
-        from .triton_experts import experts_forward as triton_experts
-        return triton_experts(x, gate_up, down, ids, weights.to(x.dtype))
     if _gpu(x) and _cuda.has_grouped_mm():
         if x.dtype == gate_up.dtype == torch.bfloat16 and (not _needs_grad(x, gate_up, down, weights)
                                                           or _cuda.grouped_mm_backward_ok()):
@@ -363,6 +383,47 @@ def gated_rms_norm(x, gate, weight, eps: float):
     return _norm.gated_rms_norm(x, gate, weight, eps)
 
 
+# Attention's input preparation as one Triton pass each (ops/triton_rope.py): the rotary table of a step (one kernel
+# instead of nine), and q/k norm + rotation (+ the KV write) per head, eagerly and, as a custom op, inside compiled
+# decode layers. False: the torch forms (benchmarks/ab_decode.py / ab_prefill.py --switch qk-rope).
+FUSED_QK_ROPE = True
+
+
+def _qk_rope_applies(x, *same_dtype) -> bool:
+    return (FUSED_QK_ROPE and FUSED_ELEMENTWISE and _gpu(x) and _cuda.has_triton() and x.dtype != torch.float64
+            and all(t.dtype == x.dtype for t in same_dtype) and not _needs_grad(x, *same_dtype))
+
+
+def rotary_cos_sin(positions, inv_freq, scaling: float, dtype):
+    """cos, sin [..., T, R] of the rotary embedding at `positions` (ops/rope.rotary_cos_sin)."""
+    if _qk_rope_applies(positions) and dtype != torch.float64 and not torch.compiler.is_compiling():
+        from .triton_rope import rotary_cos_sin as fused
+        return fused(positions, inv_freq, scaling, dtype)
+    return _rope.rotary_cos_sin(positions, inv_freq, scaling, dtype)
+
+
+def qk_norm_rope(q, k, v, q_weight, k_weight, eps: float, zero_centered: bool, cos, sin, k_pages=None,
+                 v_pages=None, slot_mapping=None):
+    """Attention's q [N, Hq, D] and k [N, Hkv, D] RMS-normed per head and rotated (cos / sin [N, R]) -> (q, k);
+    with the KV pages, the rotated keys and v are also stored at slot_mapping (write_kv)."""
+    pages = k_pages is not None
+    if "qk_norm_rope" not in _overrides and _qk_rope_applies(q, k, q_weight, k_weight, cos, sin) and (
+            pages or not torch.compiler.is_compiling()):
+        if pages:
+            fused = _gpu_kernel("qk_norm_rope_kv", "triton_rope", "qk_norm_rope")
+            return fused(q, k, v, q_weight, k_weight, eps, zero_centered, cos, sin, k_pages, v_pages, slot_mapping)
+        from .triton_rope import qk_norm_rope as fused
+        return fused(q, k, None, q_weight, k_weight, eps, zero_centered, cos, sin)
+    if "qk_norm_rope" in _overrides:
+        q, k = _overrides["qk_norm_rope"](q, k, q_weight, k_weight, eps, zero_centered, cos, sin)
+    else:
+        q = _rope.apply_rope(rms_norm(q, q_weight, eps, zero_centered), cos, sin)
+        k = _rope.apply_rope(rms_norm(k, k_weight, eps, zero_centered), cos, sin)
+    if pages:
+        write_kv(k_pages, v_pages, k, v, slot_mapping)
+    return q, k
+
+
 def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
     """Gated DeltaNet's projections [N, ...] -> (conv input, z, beta, g): ops/gdn_projections.py."""
     if "split_and_gate" in _overrides:
@@ -376,7 +437,7 @@ def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
 _NAMES = {"chunk_gated_delta_rule", "recurrent_gated_delta_rule", "experts_forward", "causal_conv1d",
           "causal_attention", "paged_attention", "moe_decode", "route", "gated_delta_decode",
           "rms_norm", "gated_rms_norm", "split_and_gate", "linear", "linear_multi", "causal_conv1d_step",
-          "write_kv"}
+          "write_kv", "qk_norm_rope"}
 
 
 def use(**ops) -> None:

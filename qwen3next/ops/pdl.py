@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 ENABLED = os.environ.get("QWEN3NEXT_PDL", "1") != "0"
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"      # Triton's CPU interpreter: no griddepcontrol
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"       # Triton's CPU interpreter: no griddepcontrol
 
 
 @functools.cache
@@ -34,7 +34,7 @@ def _device_supports(index: int) -> bool:
 
 def launch_pdl(t: torch.Tensor) -> bool:
     """Launch with PDL: on a Hopper+ GPU, compiled (not Triton's CPU interpreter), unless switched off."""
-    return (ENABLED and t.is_cuda and not _INTERPRETED
+    return (ENABLED and t.is_cuda and not INTERPRETED
             and _device_supports(t.device.index if t.device.index is not None else torch.cuda.current_device()))
 
 

@@ -4,8 +4,9 @@ ops/cuda.experts_forward runs torch._grouped_mm, which needs its rows gathered i
 4K-token prefill of Qwen3-Next-80B-A3B, 40,960 (token, expert) rows: a 168 MB copy written and read again), an
 argsort and ~10 small torch ops to find the groups, and a SwiGLU pass between the GEMMs. Here:
 
-  plan kernel     one program: rows per expert (a histogram of the ids), each expert's first sorted row, and the
-                  tiles of at most BM rows of one expert (expert, first row, end row);
+  plan kernel     rows per expert (a histogram of the ids, over many programs), then, in the last program to
+                  finish, each expert's first sorted row and the tiles of at most BM rows of one expert (expert,
+                  first row, end row);
   scatter kernel  each (token, slot) assignment takes the next free row of its expert (an atomic counter);
   up kernel       program (tile, column block of I): gathers its tokens' rows of x itself, multiplies them by the
                   expert's gate and up rows (two accumulators), and writes silu(gate) * up * routing weight,
@@ -27,6 +28,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .arrival import arrive_last, counters
 
 
 @triton.jit
@@ -105,33 +108,39 @@ def _down_kernel(Hin, ORDER, D, TILE_E, TILE_R0, TILE_R1, Y, stride_h, stride_de
 # or not), and the tile rows start 16-byte aligned whatever their length (a pointer's alignment is specialised on
 # too): otherwise new prompt lengths recompiled these kernels, ~0.1-0.9 s each (H100, engine_prefill.py, 2026-11-24)
 @triton.jit(do_not_specialize=["M", "n_tiles"])
-def _plan_kernel(IDS, CURSOR, TILE_E, TILE_R0, TILE_R1, M, n_tiles, E: tl.constexpr, BE: tl.constexpr,
-                 BM: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: the rows each expert received (a histogram of the ids), their exclusive prefix sum (each
-    expert's first sorted row, which the scatter kernel counts up from) and the tiles of BM rows."""
+def _plan_kernel(IDS, COUNTS, ARRIVED, CURSOR, TILE_E, TILE_R0, TILE_R1, M, n_tiles, E: tl.constexpr,
+                 BE: tl.constexpr, BM: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (blocks of BLOCK assignments): each program adds its block's histogram of the ids to COUNTS; the last
+    to arrive (ops/arrival.py) turns the counts into each expert's first sorted row (their exclusive prefix sum,
+    which the scatter kernel counts up from) and the tiles of BM rows, and puts COUNTS back to zero.
+    (One program looping over the ids took 0.75 ms per layer at a 32K-token prefill, H100, 2026-11-24.)"""
     experts = tl.arange(0, BE)
-    counts = tl.zeros([BE], tl.int32)
-    for i0 in range(0, M, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK)
-        ok = offs < M
-        counts += tl.histogram(tl.load(IDS + offs, mask=ok, other=0).to(tl.int32), BE)
-        counts -= tl.where(experts == 0, BLOCK - tl.sum(ok.to(tl.int32), 0), 0)   # the masked lanes counted 0
-    ends = tl.cumsum(counts, 0)
-    starts = ends - counts
-    tiles = (counts + BM - 1) // BM
-    first_tile = tl.cumsum(tiles, 0) - tiles
-    real = experts < E
-    tl.store(CURSOR + experts, starts, mask=real)
-    for t0 in range(0, n_tiles, BLOCK):             # every tile past the real ones: "no expert"
-        t = t0 + tl.arange(0, BLOCK)
-        tl.store(TILE_E + t, tl.full([BLOCK], E, tl.int32), mask=t < n_tiles)
-    tl.debug_barrier()                              # the real tiles overwrite those marks, after them
-    for j in range(0, tl.max(tiles, 0)):
-        has = real & (j < tiles)
-        r0 = starts + j * BM
-        tl.store(TILE_E + first_tile + j, experts, mask=has)
-        tl.store(TILE_R0 + first_tile + j, r0, mask=has)
-        tl.store(TILE_R1 + first_tile + j, tl.minimum(r0 + BM, ends), mask=has)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < M
+    part = tl.histogram(tl.load(IDS + offs, mask=ok, other=0).to(tl.int32), BE)
+    part -= tl.where(experts == 0, BLOCK - tl.sum(ok.to(tl.int32), 0), 0)          # the masked lanes counted 0
+    tl.atomic_add(COUNTS + experts, part, mask=(experts < E) & (part > 0), sem="relaxed", scope="gpu")
+    if arrive_last(ARRIVED, tl.num_programs(0)):
+        real = experts < E
+        # read and reset with atomics: the other programs' (and this one's) adds are atomics too, so these are
+        # ordered after them; a plain load after the arrival read stale counts on an H100 (2026-11-24)
+        counts = tl.atomic_xchg(COUNTS + experts, tl.zeros([BE], tl.int32), mask=real, sem="acq_rel", scope="gpu")
+        counts = tl.where(real, counts, 0)
+        ends = tl.cumsum(counts, 0)
+        starts = ends - counts
+        tiles = (counts + BM - 1) // BM
+        first_tile = tl.cumsum(tiles, 0) - tiles
+        tl.store(CURSOR + experts, starts, mask=real)
+        for t0 in range(0, n_tiles, BLOCK):             # every tile past the real ones: "no expert"
+            t = t0 + tl.arange(0, BLOCK)
+            tl.store(TILE_E + t, tl.full([BLOCK], E, tl.int32), mask=t < n_tiles)
+        tl.debug_barrier()                              # the real tiles overwrite those marks, after them
+        for j in range(0, tl.max(tiles, 0)):
+            has = real & (j < tiles)
+            r0 = starts + j * BM
+            tl.store(TILE_E + first_tile + j, experts, mask=has)
+            tl.store(TILE_R0 + first_tile + j, r0, mask=has)
+            tl.store(TILE_R1 + first_tile + j, tl.minimum(r0 + BM, ends), mask=has)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -180,24 +189,35 @@ def n_tiles_bound(M: int, num_experts: int, bm: int) -> int:
     return triton.cdiv(M, bm) + min(num_experts, M)
 
 
+# assignments per program of the plan kernel's histogram
+PLAN_BLOCK = 1024
+
+
 def plan(ids: torch.Tensor, num_experts: int, bm: int):
-    """sorted_tiles in two kernels (a histogram-and-tiles program, then an atomic scatter), int32; rows within an
-    expert in no fixed order."""
+    """sorted_tiles in two kernels (a histogram whose last program cuts the tiles, then an atomic scatter), int32;
+    rows within an expert in no fixed order."""
     flat = ids.reshape(-1)
     M, dev = flat.numel(), ids.device
     n_tiles = n_tiles_bound(M, num_experts, bm)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=dev)
     order = torch.empty(M, dtype=torch.int32, device=dev)
     tiles = torch.empty(3, -(-n_tiles // 32) * 32, dtype=torch.int32, device=dev)[:, :n_tiles]   # aligned rows
-    _plan_kernel[(1,)](flat, cursor, tiles[0], tiles[1], tiles[2], M, n_tiles, E=num_experts,
-                       BE=triton.next_power_of_2(num_experts), BM=bm, BLOCK=1024, num_warps=8)
+    # the histogram's sums and the arrival counter: zero between kernels (the plan's last program resets them)
+    zeros = counters(dev, "expert_plan", num_experts + 1)
+    _plan_kernel[(triton.cdiv(M, PLAN_BLOCK),)](
+        flat, zeros[1:], zeros[:1], cursor, tiles[0], tiles[1], tiles[2], M, n_tiles, E=num_experts,
+        BE=triton.next_power_of_2(num_experts), BM=bm, BLOCK=PLAN_BLOCK, num_warps=4)
     _scatter_kernel[(triton.cdiv(M, 1024),)](flat, cursor, order, M, BLOCK=1024, num_warps=4)
     return order, tiles[0], tiles[1], tiles[2]
 
 
 def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
-                    weights: torch.Tensor, up_blocks: dict | None = None, down_blocks: dict | None = None):
-    """Routed experts; same contract as ops/moe.experts_forward (x [N, H]; ids, weights [N, k] -> [N, H])."""
+                    weights: torch.Tensor, up_blocks: dict | None = None, down_blocks: dict | None = None,
+                    shared: torch.Tensor | None = None, shared_logit: torch.Tensor | None = None,
+                    residual: torch.Tensor | None = None):
+    """Routed experts; same contract as ops/moe.experts_forward (x [N, H]; ids, weights [N, k] -> [N, H]); the
+    optional shared expert output (with its gate's logit) and residual are added in the combine
+    (ops/triton_grouped.combine)."""
     from .triton_grouped import combine
     up_blocks, down_blocks = up_blocks or UP_BLOCKS, down_blocks or DOWN_BLOCKS
     N, k = ids.shape
@@ -209,7 +229,10 @@ def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
         raise ValueError("x and the expert weights must be contiguous in their last dimension")
     M = N * k
     if M == 0:
-        return torch.zeros_like(x)
+        out = torch.zeros_like(x)
+        if shared is not None:
+            out = out + torch.sigmoid(shared_logit) * shared
+        return out if residual is None else residual + out
     h = torch.empty(M, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(M, H, dtype=x.dtype, device=x.device)
     wts = weights.reshape(-1)
@@ -222,4 +245,4 @@ def experts_forward(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     _down_kernel[(n_tiles * triton.cdiv(H, db["BN"]),)](
         h, order, down, tile_e, row0, row1, y, h.stride(0), down.stride(0), down.stride(1), y.stride(0), E,
         I=inter, H=H, **db)
-    return combine(y, None, k)
+    return combine(y, None, k, shared, shared_logit, residual)
