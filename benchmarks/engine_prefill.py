@@ -75,7 +75,14 @@ def main() -> int:
                     help="write the functions that took the first timed request's time (cProfile) to FILE")
     ap.add_argument("--warm-up", action="store_true", help="build the engines with their start-up warm-up")
     ap.add_argument("--out", default="benchmarks/results/engine_prefill.json")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="set a constant of qwen3next.ops.MODULE (an int), e.g. kernels.FUSED_QK_ROPE=0")
     args = ap.parse_args()
+    import importlib
+    for item in args.set:
+        name, value = item.split("=")
+        module, attr = name.rsplit(".", 1)
+        setattr(importlib.import_module(f"qwen3next.ops.{module}"), attr, int(value))
     cfg = preset("qwen3-next-80b-a3b")
     m = bench.random_gpu_model(cfg, args.layers)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -121,7 +128,7 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-                   "layers": args.layers, "forward_ms": fwd, "rows": rows}, f, indent=1)
+                   "layers": args.layers, "set": args.set, "forward_ms": fwd, "rows": rows}, f, indent=1)
     return 0
 
 

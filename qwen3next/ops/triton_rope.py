@@ -27,7 +27,9 @@ import triton.language as tl
 from .pdl import launch_pdl, wait_for_predecessor
 
 
-@triton.jit
+# token counts are not specialised on (each new class, e.g. divisible by 16 or not, would compile the kernel again
+# inside a user's request: ops/triton_experts.py)
+@triton.jit(do_not_specialize=["N"])
 def _rotary_kernel(POS, INV_FREQ, COS, SIN, N, scaling, stride_c, stride_s, HALF: tl.constexpr,
                    BHALF: tl.constexpr, BT: tl.constexpr):
     t = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -69,7 +71,7 @@ def _normed(X, rows, cols, ok, inv, W, ZERO_CENTERED: tl.constexpr, OUT_DTYPE: t
     return (w * x.to(OUT_DTYPE).to(tl.float32)).to(OUT_DTYPE).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _qk_norm_rope_kernel(Q, K, V, WQ, WK, COS, SIN, QO, KO, KP, VP, SLOTS, N, eps,
                          sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_t, ss_t, sqo_t, sqo_h, sko_t, sko_h, sp_r, sp_h,
                          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
