@@ -407,7 +407,9 @@ def qk_norm_rope(q, k, v, q_weight, k_weight, eps: float, zero_centered: bool, c
     """Attention's q [N, Hq, D] and k [N, Hkv, D] RMS-normed per head and rotated (cos / sin [N, R]) -> (q, k);
     with the KV pages, the rotated keys and v are also stored at slot_mapping (write_kv)."""
     pages = k_pages is not None
-    if "qk_norm_rope" not in _overrides and _qk_rope_applies(q, k, q_weight, k_weight, cos, sin) and (
+    D = q.shape[-1]
+    fits = D & (D - 1) == 0 and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= D     # the kernel's head layouts
+    if "qk_norm_rope" not in _overrides and fits and _qk_rope_applies(q, k, q_weight, k_weight, cos, sin) and (
             pages or not torch.compiler.is_compiling()):
         if pages:
             fused = _gpu_kernel("qk_norm_rope_kv", "triton_rope", "qk_norm_rope")
