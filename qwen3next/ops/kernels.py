@@ -419,8 +419,7 @@ def qk_norm_rope(q, k, v, q_weight, k_weight, eps: float, zero_centered: bool, c
     if "qk_norm_rope" in _overrides:
         q, k = _overrides["qk_norm_rope"](q, k, q_weight, k_weight, eps, zero_centered, cos, sin)
     else:
-        q = _rope.apply_rope(rms_norm(q, q_weight, eps, zero_centered), cos, sin)
-        k = _rope.apply_rope(rms_norm(k, k_weight, eps, zero_centered), cos, sin)
+        q, k = _rope.qk_norm_rope(q, k, q_weight, k_weight, eps, zero_centered, cos, sin, norm=rms_norm)
     if pages:
         write_kv(k_pages, v_pages, k, v, slot_mapping)
     return q, k

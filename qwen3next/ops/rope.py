@@ -30,7 +30,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
-                 zero_centered: bool, cos: torch.Tensor, sin: torch.Tensor):
-    """q [..., T, Hq, D], k [..., T, Hkv, D] -> (rope(rms_norm(q)), rope(rms_norm(k)))."""
-    return (apply_rope(rms_norm(q, q_weight, eps, zero_centered), cos, sin),
-            apply_rope(rms_norm(k, k_weight, eps, zero_centered), cos, sin))
+                 zero_centered: bool, cos: torch.Tensor, sin: torch.Tensor, norm=rms_norm):
+    """q [..., T, Hq, D], k [..., T, Hkv, D] -> (rope(norm(q)), rope(norm(k))); `norm` has rms_norm's signature
+    (ops/kernels passes its own, which runs the Triton norm on a GPU)."""
+    return (apply_rope(norm(q, q_weight, eps, zero_centered), cos, sin),
+            apply_rope(norm(k, k_weight, eps, zero_centered), cos, sin))
