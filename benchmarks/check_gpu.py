@@ -809,12 +809,75 @@ def check_end_to_end():
                    tol)
 
 
+def _runner_prefill_then_decode(model, prompt: list[int], follow: list[int], graphs: bool, max_tokens: int):
+    """A ModelRunner (CUDA graphs on or off) prefilling `prompt` as one step, then decoding `follow` one token at a
+    time: (logits at the prompt's end and after each follow token [1 + len(follow), V], the runner)."""
+    from qwen3next.engine.runner import ModelRunner
+    from qwen3next.engine.sampling_params import SamplingParams
+    from qwen3next.engine.scheduler import ScheduledBatch
+    from qwen3next.engine.sequence import Sequence
+    n, ps = len(prompt), 64
+    pages = -(-(n + len(follow) + 1) // ps)
+    runner = ModelRunner(model, num_slots=2, num_pages=pages + 2, page_size=ps, max_model_len=pages * ps,
+                         cuda_graphs=graphs, prefill_graph_tokens=max_tokens)
+    runner.graphs = None                  # decode steps eagerly (their graphs are engine_graphs.py's business)
+    s = Sequence("r", None, list(prompt), SamplingParams())
+    s.slot, s.pages, s.num_computed = 1, list(range(2, 2 + pages)), 0    # not the first slot or pages
+    outs = [runner.forward(ScheduledBatch([s], [n]))[0]]
+    s.num_computed = n
+    for t in follow:
+        s.output_token_ids.append(t)
+        outs.append(runner.forward(ScheduledBatch([s], [1]))[0])
+        s.num_computed += 1
+    return torch.cat(outs).float().cpu(), runner
+
+
+def check_prefill_graphs():
+    """A prompt's first chunk replayed from a captured CUDA graph padded to its token bucket
+    (engine/prefill_graphs.py; bf16 models only), then decode steps from the states it left: on the small model
+    against the CPU fp32 reference and the eager GPU runner, and on 80B-A3B layers (4 of them, random bf16)
+    against the eager runner, at lengths inside buckets (padding rows) and at a bucket's edge. The eager runner
+    computes n rows where the graph computes its bucket's, so the GEMMs may differ in their algorithms: bf16
+    noise, like the e2e checks'. Decode layers uncompiled here."""
+    fused.DECODE["enabled"] = False
+    with torch.no_grad():
+        for cfg, cpu, ids, ref, dtype, tol, gpu in small_models(mtp_layers=0):
+            name = str(dtype)[6:]
+            if dtype != torch.bfloat16:
+                continue
+            for n in (37, 200, 256):
+                got, r = _runner_prefill_then_decode(gpu, ids[0, :n].tolist(), ids[0, n:n + 6].tolist(), True, 512)
+                st = r.prefill_graphs.as_dict()
+                record(f"prefill graph {name} n={n}: captured and replayed", float(
+                    st["replays"] != 1 or not st["buckets_captured"] or bool(st["failed"])), 0.0,
+                    buckets=st["buckets_captured"])
+                eager, _ = _runner_prefill_then_decode(gpu, ids[0, :n].tolist(), ids[0, n:n + 6].tolist(), False, 0)
+                record(f"prefill graph {name} n={n} + 6 decode steps vs CPU fp32", rel(got, ref[0, n - 1:n + 6]), tol)
+                record(f"prefill graph {name} n={n} + 6 decode steps vs eager GPU", rel(got, eager), tol)
+        from qwen3next import bench
+        from qwen3next.config import preset
+        cfg = preset("qwen3-next-80b-a3b")
+        m = bench.random_gpu_model(cfg, 4)
+        g = torch.Generator().manual_seed(1)
+        for n in (300, 3500, 4096):
+            ids = torch.randint(0, cfg.vocab_size, (n + 4,), generator=g).tolist()
+            got, r = _runner_prefill_then_decode(m, ids[:n], ids[n:], True, 4096)
+            eager, _ = _runner_prefill_then_decode(m, ids[:n], ids[n:], False, 0)
+            st = r.prefill_graphs.as_dict()
+            record(f"prefill graph 80B-A3B x4 bf16 n={n}: captured and replayed", float(
+                st["replays"] != 1 or not st["buckets_captured"] or bool(st["failed"])), 0.0,
+                buckets=st["buckets_captured"], padded_rows=st["padded_rows"])
+            record(f"prefill graph 80B-A3B x4 bf16 n={n} + 4 decode steps vs eager GPU", rel(got, eager), 2e-2)
+            torch.cuda.empty_cache()
+    fused.DECODE["enabled"] = "auto"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default=None,
                     help="comma-separated sections: gdn,gdn_decode,gdn_verify,moe,moe_decode,moe_prefill,gemv,conv,paged,prefill,"
-                         "rope,e2e "
+                         "rope,prefill_graphs,e2e "
                          "(default: all; "
                          "gdn is the slow one)")
     ap.add_argument("--no-fused-step-kernels", action="store_true",
@@ -829,7 +892,8 @@ def main():
     if args.no_fused_step_kernels:
         kernels.FUSED_STEP_KERNELS = False
     only = set(args.only.split(",")) if args.only else {"gdn", "gdn_decode", "gdn_verify", "moe", "moe_decode", "moe_prefill",
-                                                        "gemv", "conv", "paged", "sdpa", "prefill", "rope", "e2e"}
+                                                        "gemv", "conv", "paged", "sdpa", "prefill", "rope",
+                                                        "prefill_graphs", "e2e"}
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "fla": cuda_ops.has_fla(),
            "grouped_mm": cuda_ops.has_grouped_mm(), "fused_step_kernels": kernels.FUSED_STEP_KERNELS}
     try:
@@ -844,7 +908,7 @@ def main():
                      ("moe_decode", check_moe_decode), ("moe_prefill", check_moe_prefill), ("gemv", check_gemv),
                      ("conv", check_conv), ("paged", check_paged_decode), ("sdpa", check_sdpa),
                      ("prefill", check_prefill_glue), ("rope", check_rope),
-                     ("e2e", check_end_to_end)):
+                     ("prefill_graphs", check_prefill_graphs), ("e2e", check_end_to_end)):
         if name in only:
             fn()
     n_fail = sum(not r["ok"] for r in ROWS)

@@ -179,7 +179,9 @@ def _pages_for(tokens: int, page_size: int) -> int:
 def time_prefill(model, T: int, page_size: int = 64) -> tuple[float, dict]:
     """Seconds of a T-token prefill through the engine's path (paged cache, last token's logits), on the faster
     of the two elementwise paths (Triton passes, or torch ops: kernels.FUSED_ELEMENTWISE), both timed side by
-    side. Returns (seconds, {path: seconds})."""
+    side, and up to the engine's prefill-graph size (engine/prefill_graphs.py: a lone prompt's first chunk of
+    up to 4K tokens) also replayed from a CUDA graph, as the engine runs it. Returns (seconds, {path: seconds})."""
+    from .engine.prefill_graphs import PREFILL_GRAPH_MAX_TOKENS
     cache = HybridCache(model.config, 1, _pages_for(T, page_size), page_size, DEV["dtype"], DEV["device"],
                         include_mtp=False)
     ids = torch.randint(0, model.config.vocab_size, (T,), device=DEV["device"])
@@ -196,6 +198,14 @@ def time_prefill(model, T: int, page_size: int = 64) -> tuple[float, dict]:
                 raise
         finally:
             kernels.FUSED_ELEMENTWISE = default
+    if _on_gpu() and T <= PREFILL_GRAPH_MAX_TOKENS:
+        try:
+            graph = capture_graph(lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep))
+            paths["cuda_graph"] = cuda_time(graph.replay, 2, 5)
+            del graph
+        except Exception as e:  # noqa: BLE001 - reported; the eager paths stand
+            print(f"  prefill in a CUDA graph failed: {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.synchronize()
     return min(paths.values()), paths
 
 

@@ -59,8 +59,10 @@ def _sampling(args, llm):
 
 def _llm(args):
     from .engine.llm import LLM
+    extra = {} if args.prefill_graph_tokens is None else {"prefill_graph_tokens": args.prefill_graph_tokens}
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               speculative_tokens=args.speculative_tokens, cuda_graphs=args.cuda_graphs, warm_up=args.warm_up)
+               speculative_tokens=args.speculative_tokens, cuda_graphs=args.cuda_graphs, warm_up=args.warm_up,
+               **extra)
 
 
 def _cmd_generate(args) -> int:
@@ -111,6 +113,9 @@ def _add_generation_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: K drafts (0 = off)")
     s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
+    s.add_argument("--prefill-graph-tokens", type=int, default=None,
+                   help="replay a prompt's first chunk of up to N tokens (alone in its step) from a CUDA graph "
+                        "per token bucket (GPU only; default 4096, 0 = never)")
     s.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
                         "only; the first requests then wait for them)")

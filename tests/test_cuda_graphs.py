@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from tiny_models import ENGINE_CFG
+from tiny_models import ENGINE_CFG, output_tokens, random_prompts
 from qwen3next import LLM, SamplingParams, random_model, save_model
 from qwen3next.engine.graphs import DecodeGraphs, bucket_sizes, graphs_enabled
 from qwen3next.engine.sampling_params import SamplingParams as SP
@@ -33,13 +33,7 @@ def make(path, static: bool, **kw):
     return llm
 
 
-def prompts(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"prompt_token_ids": torch.randint(0, CFG.vocab_size, (n,), generator=g).tolist()} for n in lengths]
-
-
-def tokens(outs):
-    return [o.outputs[0].token_ids for o in outs]
+prompts, tokens = random_prompts, output_tokens
 
 
 def spy_batch_sizes(llm) -> list[int]:

@@ -32,13 +32,14 @@ class DraftGraphs(StaticSteps):
             raise ValueError(f"drafting needs k >= 1, got {k}")
         self.k, self.q = k, k + 1
         self.kind = f"MTP drafting (k={k})"
-        super().__init__(model, cache, pages, max_model_len=max_model_len, max_batch=max_batch, capture=capture)
+        super().__init__(model, cache, pages, max_model_len=max_model_len, max_size=max_batch, capture=capture)
         w = model.model.embed_tokens.weight
         self.hidden = torch.zeros(self.sizes[-1] * self.q, model.config.hidden_size, dtype=w.dtype, device=w.device)
 
-    def parts(self) -> dict[str, int]:
+    def parts(self, size: int) -> dict[str, int]:
         q = self.q
-        return {"next_ids": q, "dest": q, "slots": 1, "start": 1, "last": 1, "update_at": 1, "update_to": 1}
+        per_row = {"next_ids": q, "dest": q, "slots": 1, "start": 1, "last": 1, "update_at": 1, "update_to": 1}
+        return {name: n * size for name, n in per_row.items()}
 
     def applies(self, seqs) -> bool:
         return self.fits(len(seqs)) and all(

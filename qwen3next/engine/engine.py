@@ -18,6 +18,7 @@ import torch
 from ..ops.sampling import SamplingTensors, make_generator, sample
 from ..tokenizer import IncrementalDetokenizer
 from .cache import CacheManager
+from .prefill_graphs import PREFILL_GRAPH_MAX_TOKENS
 from .runner import ModelRunner
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -53,7 +54,8 @@ class LLMEngine:
                  max_num_batched_tokens: int | None = None, num_kv_pages: int | None = None, page_size: int = 16,
                  kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None,
                  speculative_tokens: int = 0, speculative_disable_batch_size: int = 16,
-                 speculative_adaptive: bool = True, cuda_graphs: bool = True, warm_up: bool = True):
+                 speculative_adaptive: bool = True, cuda_graphs: bool = True, warm_up: bool = True,
+                 prefill_graph_tokens: int = PREFILL_GRAPH_MAX_TOKENS):
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -70,10 +72,14 @@ class LLMEngine:
         if max_num_batched_tokens is None:
             max_num_batched_tokens = default_batched_tokens(model.model.embed_tokens.weight.device)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
-        # cuda_graphs: on CUDA, pure decode steps replay a CUDA graph per batch-size bucket (graphs.py);
-        # QWEN3NEXT_CUDA_GRAPHS=0 also switches them off
+        # cuda_graphs: on CUDA, pure decode steps replay a CUDA graph per batch-size bucket (graphs.py), and a
+        # prompt's first chunk of up to prefill_graph_tokens tokens alone in its step one per token bucket
+        # (prefill_graphs.py; 0 = never); QWEN3NEXT_CUDA_GRAPHS=0 also switches them off
+        if prefill_graph_tokens < 0:
+            raise ValueError(f"prefill_graph_tokens must be >= 0, got {prefill_graph_tokens}")
         self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size, include_mtp=speculative_tokens > 0,
-                                  max_model_len=self.max_model_len, cuda_graphs=cuda_graphs)
+                                  max_model_len=self.max_model_len, cuda_graphs=cuda_graphs,
+                                  prefill_graph_tokens=min(prefill_graph_tokens, max_num_batched_tokens))
         self.speculator = None
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")

@@ -114,22 +114,23 @@ class Bucket:
 class StaticSteps(ABC):
     """Steps of fixed shapes per batch-size bucket, fed through static buffers and captured as CUDA graphs.
 
-    A subclass says how a bucket's flat int64 inputs are laid out (`parts`: name -> length per row), how a batch
-    fills them (`row_values`) and what the graph computes (`forward`)."""
+    A subclass says how a bucket's flat int64 inputs are laid out (`parts`: name -> length in a bucket), how a
+    batch fills them (`row_values`) and what the graph computes (`forward`). Buckets are batch sizes here; a
+    subclass may bucket by something else (`bucket_list`, `size_of`: prefill graphs bucket by tokens)."""
 
     kind = "step"
 
-    def __init__(self, model, cache: HybridCache, pages: PageTable, *, max_model_len: int, max_batch: int,
+    def __init__(self, model, cache: HybridCache, pages: PageTable, *, max_model_len: int, max_size: int,
                  capture: bool = True):
         dev = model.model.embed_tokens.weight.device
         self.model, self.cache, self.pages, self.device, self.capture = model, cache, pages, dev, capture
         self.page_size, self.max_model_len = cache.page_size, max_model_len
         self.scratch_slot, self.scratch_page = pages.scratch_slot, pages.scratch_page
-        self.sizes = bucket_sizes(max_batch)
+        self.sizes = self.bucket_list(max_size)
         top = self.sizes[-1]
-        per_row = sum(self.parts().values())
-        self.inputs = torch.zeros(per_row * top, dtype=torch.long, device=dev)   # refilled by one copy per step
-        self.host = torch.zeros(per_row * top, dtype=torch.long, pin_memory=dev.type == "cuda")
+        total = sum(self.parts(top).values())
+        self.inputs = torch.zeros(total, dtype=torch.long, device=dev)   # refilled by one copy per step
+        self.host = torch.zeros(total, dtype=torch.long, pin_memory=dev.type == "cuda")
         self.copied = torch.cuda.Event() if dev.type == "cuda" else None   # the host buffer may be reused
         self.arange = torch.arange(top + 1, dtype=torch.long, device=dev)
         self.buckets: dict[int, Bucket] = {}
@@ -139,9 +140,16 @@ class StaticSteps(ABC):
         self.padded_rows = 0
 
     # ---- what a subclass says -------------------------------------------------------------------------------------
+    def bucket_list(self, max_size: int) -> list[int]:
+        return bucket_sizes(max_size)
+
+    def size_of(self, rows) -> int:
+        """The size a step of `rows` needs (its bucket is the smallest size >= it)."""
+        return len(rows)
+
     @abstractmethod
-    def parts(self) -> dict[str, int]:
-        """Per-row lengths of the flat int64 input parts, in order."""
+    def parts(self, size: int) -> dict[str, int]:
+        """Lengths of the flat int64 input parts of a bucket of `size`, in order."""
 
     @abstractmethod
     def row_values(self, size: int, seqs) -> tuple[list[int], list[tuple[int, int]]]:
@@ -165,6 +173,7 @@ class StaticSteps(ABC):
     def fits(self, batch_size: int) -> bool:
         return 0 < batch_size <= self.sizes[-1] and self.bucket_for(batch_size) not in self.failed_buckets
 
+    @torch.inference_mode()     # as the engine's steps run: with autograd on, the ops would take their autograd paths
     def prepare(self, batch_size: int) -> bool:
         """Capture the bucket of `batch_size` now (start-up warm-up) rather than at its first step; False if it
         failed (its steps then run eagerly, as they would have)."""
@@ -176,7 +185,7 @@ class StaticSteps(ABC):
         """The bucket and its static outputs (valid until its next run) for `seqs`, or None when the graph could
         not be made (the caller runs the step eagerly). `before_replay(bk)`: device work after the inputs are
         filled and before the graph runs (in the stream order)."""
-        B = len(seqs)
+        B = self.size_of(seqs)
         with self._on_device():
             bk = self._bucket(self.bucket_for(B))
             if bk is None:
@@ -206,9 +215,9 @@ class StaticSteps(ABC):
             return bk
         x = self.inputs
         views, at = {}, 0
-        for name, n in self.parts().items():
-            views[name] = x[at:at + n * size]
-            at += n * size
+        for name, n in self.parts(size).items():
+            views[name] = x[at:at + n]
+            at += n
         bk = Bucket(size, views)
         self.setup(bk)
         if self.capture:
@@ -221,8 +230,10 @@ class StaticSteps(ABC):
                 # this bucket's steps run eagerly from now on; other buckets may still capture (e.g. an fp32 model
                 # whose experts take a host-synchronising path above some batch size)
                 self.failed_buckets.add(size)
+                self.pool = None    # a failed capture can leave its memory pool unusable for the next capture
                 log.warning("CUDA graph capture of %s batch %d failed (%s: %s); these steps run eagerly from now "
                             "on", self.kind, size, type(e).__name__, str(e)[:300])
+                log.debug("where the capture failed", exc_info=True)
                 return None
         self.buckets[size] = bk
         return bk
@@ -285,13 +296,14 @@ class DecodeGraphs(StaticSteps):
             raise ValueError(f"drafts must be >= 0, got {drafts}")
         self.drafts, self.q = drafts, drafts + 1
         self.kind = "decode" if drafts == 0 else f"verification (k={drafts})"
-        super().__init__(model, cache, pages, max_model_len=max_model_len, max_batch=max_batch, capture=capture)
+        super().__init__(model, cache, pages, max_model_len=max_model_len, max_size=max_batch, capture=capture)
         self.keeps = torch.zeros(self.sizes[-1], dtype=torch.long, device=self.device)   # commit's input
         self.commits = 0
 
-    def parts(self) -> dict[str, int]:
+    def parts(self, size: int) -> dict[str, int]:
         q = self.q
-        return {"ids": q, "positions": q, "slots": 1, "rows": q, "update_at": 1, "update_to": 1}
+        per_row = {"ids": q, "positions": q, "slots": 1, "rows": q, "update_at": 1, "update_to": 1}
+        return {name: n * size for name, n in per_row.items()}
 
     # ---- when -----------------------------------------------------------------------------------------------------
     def applies(self, batch) -> bool:

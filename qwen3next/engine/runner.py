@@ -3,7 +3,8 @@
 It turns a scheduled batch into packed input ids + BatchMeta, runs the model, and returns the logits of the
 sequences that need a new token (those whose last scheduled token is their last known token). On CUDA, pure
 decode steps, and with speculative decoding uniform verification steps and MTP drafting, are replayed from CUDA
-graphs captured per batch-size bucket (graphs.py, draft_graphs.py); everything else runs eagerly.
+graphs captured per batch-size bucket (graphs.py, draft_graphs.py), and a step that is one prompt's first chunk
+of up to 4K tokens from a graph per token bucket (prefill_graphs.py); everything else runs eagerly.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..model.cache import BatchMeta, HybridCache
 from .draft_graphs import DraftGraphs
 from .graphs import DecodeGraphs, PageTable, graphs_enabled
+from .prefill_graphs import PREFILL_GRAPH_MAX_TOKENS, PrefillGraphs
 from .scheduler import ScheduledBatch
 
 log = logging.getLogger("qwen3next.engine")
@@ -22,7 +24,8 @@ log = logging.getLogger("qwen3next.engine")
 
 class ModelRunner:
     def __init__(self, model, num_slots: int, num_pages: int, page_size: int, include_mtp: bool = False,
-                 max_model_len: int | None = None, cuda_graphs: bool = True):
+                 max_model_len: int | None = None, cuda_graphs: bool = True,
+                 prefill_graph_tokens: int = PREFILL_GRAPH_MAX_TOKENS):
         self.model = model
         p = model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
@@ -33,11 +36,18 @@ class ModelRunner:
         self.num_slots, self.num_pages, self.page_size = num_slots, num_pages, page_size
         self.max_model_len = max_model_len or num_pages * page_size
         self._pages: PageTable | None = None        # the graphs' page table by slot (made with the first graphs)
-        self.graphs: DecodeGraphs | None = self.decode_graphs() if graphs_enabled(self.device, cuda_graphs) else None
+        on = graphs_enabled(self.device, cuda_graphs)
+        self.graphs: DecodeGraphs | None = self.decode_graphs() if on else None
+        # bf16 only: in other dtypes the prefill experts take a path that reads counts back to the host
+        # (ops/kernels.experts_forward), which no graph can capture
+        self.prefill_graphs: PrefillGraphs | None = (
+            self.make_prefill_graphs(prefill_graph_tokens)
+            if on and prefill_graph_tokens > 0 and self.dtype == torch.bfloat16 else None)
         self.verify_graphs: DecodeGraphs | None = None    # speculation_graphs()
         self.draft_graphs: DraftGraphs | None = None
         self.verified_by_graph = False              # the last step was a verification through verify_graphs
         self.eager_steps = 0
+        self.prefills_beside_decode = 0             # prefill graphs replayed beside a decode step's
 
     @property
     def pages(self) -> PageTable:
@@ -51,6 +61,12 @@ class ModelRunner:
         how the CPU tests check it)."""
         return DecodeGraphs(self.model, self.cache, self.pages, max_model_len=self.max_model_len,
                             max_batch=self.num_slots, capture=capture)
+
+    def make_prefill_graphs(self, max_tokens: int = PREFILL_GRAPH_MAX_TOKENS, capture: bool = True) -> PrefillGraphs:
+        """A prompt's first chunk of up to `max_tokens` tokens (alone in its step) through static buffers padded to
+        a token bucket, captured in CUDA graphs (capture=False: the same path eagerly, for the CPU tests)."""
+        return PrefillGraphs(self.model, self.cache, self.pages, max_model_len=self.max_model_len,
+                             max_tokens=min(max_tokens, self.max_model_len), capture=capture)
 
     def speculation_graphs(self, k: int, max_batch: int, capture: bool = True,
                            force: bool = False) -> DraftGraphs | None:
@@ -73,6 +89,13 @@ class ModelRunner:
         A sequence gets logits rows when its last known token is in this step: one row, or 1 + k rows when it
         verifies k drafts (its drafts are appended to its tokens, and the GDN states after each are kept)."""
         self.verified_by_graph = False
+        if self.prefill_graphs is not None:
+            out = self._prefill_by_graph(batch)
+            if out is not None:
+                return out
+        return self._step(batch)
+
+    def _step(self, batch: ScheduledBatch) -> tuple[torch.Tensor, dict[int, slice], torch.Tensor]:
         if self.graphs is not None and self.graphs.applies(batch):
             out = self.graphs.run(batch.seqs)
             if out is not None:   # copies: the next replay overwrites the static outputs
@@ -108,6 +131,32 @@ class ModelRunner:
         out = self.model(input_ids, cache=self.cache, meta=meta,
                          logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
         return out.logits.float(), rows, out.hidden_states
+
+    def _prefill_by_graph(self, batch: ScheduledBatch):
+        """A step with one prompt's first chunk that fits a prefill graph, beside only sequences decoding one token
+        each (a prompt arriving at a busy server) or none: the prompt replays its prefill graph and the others
+        their decode graph, two replays instead of one eager step whose launches would set its pace (the prompt
+        and the decoders touch different slots and pages). None where that does not apply."""
+        pg = self.prefill_graphs
+        fresh = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)) if pg.takes(s, n)]
+        if len(fresh) != 1:
+            return None
+        i = fresh[0]
+        others = ScheduledBatch(batch.seqs[:i] + batch.seqs[i + 1:], batch.num_tokens[:i] + batch.num_tokens[i + 1:])
+        if others.seqs and (self.graphs is None or not self.graphs.applies(others)):
+            return None
+        s, n = batch.seqs[i], batch.num_tokens[i]
+        out = pg.run(s, n)
+        if out is None:
+            return None
+        logits, hidden = out
+        want = int(n == s.num_tokens)   # the chunk ends at the last known token: its logits are wanted
+        # copies: the next replay overwrites the static outputs
+        mine = (logits[:want].to(torch.float32, copy=True), {0: slice(0, 1)} if want else {}, hidden.clone())
+        if not others.seqs:
+            return mine
+        self.prefills_beside_decode += 1
+        return _merge(batch, [i], mine, [j for j in range(len(batch)) if j != i], self._step(others))
 
     @torch.inference_mode()
     def commit_drafts(self, commits: list[tuple[int, int, int]]) -> None:
@@ -154,15 +203,35 @@ class ModelRunner:
         for graphs in (self.graphs, self.verify_graphs, self.draft_graphs):
             if graphs is not None:
                 graphs.prepare(1)
+        if self.prefill_graphs is not None:   # every token bucket: a prompt's first step never waits for a capture
+            for size in self.prefill_graphs.sizes:
+                self.prefill_graphs.prepare(size)
         seconds = time.perf_counter() - started
-        log.info("warm-up (prefill kernels, decode graph of one sequence) took %.1f s", seconds)
+        log.info("warm-up (prefill kernels, decode graph of one sequence, prefill graphs) took %.1f s", seconds)
         return seconds
 
     def graph_stats(self) -> dict | None:
         if self.graphs is None:
             return None
         out = {**self.graphs.as_dict(), "eager_steps": self.eager_steps}
+        if self.prefill_graphs is not None:
+            out["prefill"] = {**self.prefill_graphs.as_dict(), "beside_decode": self.prefills_beside_decode}
         if self.verify_graphs is not None:
             out["verification"] = self.verify_graphs.as_dict()
             out["drafting"] = self.draft_graphs.as_dict()
         return out
+
+
+def _merge(batch: ScheduledBatch, idx_a: list[int], a, idx_b: list[int], b):
+    """Two sub-steps' (logits, rows, hidden) as one step's: sub-step rows renumbered to `batch`'s sequence
+    indices, hiddens in `batch`'s packed token order."""
+    (la, ra, ha), (lb, rb, hb) = a, b
+    rows = {idx_a[j]: sl for j, sl in ra.items()}
+    rows.update({idx_b[j]: slice(sl.start + la.shape[0], sl.stop + la.shape[0]) for j, sl in rb.items()})
+    where, counts = {}, batch.num_tokens
+    for idx, h in ((idx_a, ha), (idx_b, hb)):
+        at = 0
+        for j in idx:
+            where[j] = h[at:at + counts[j]]
+            at += counts[j]
+    return torch.cat([la, lb]), rows, torch.cat([where[j] for j in range(len(batch))])

@@ -35,6 +35,10 @@ class BatchMeta:
     keep_step_states: list[bool] | None = None   # speculative verification: keep GDN states after every token
     cu_seqlens_cpu: torch.Tensor | None = None   # cu_seqlens on the host (fla's prefill kernels take it: no sync)
     fixed_shapes: bool = False   # a step padded to a graph bucket: its shapes recur, so compiling it pays
+    # [N] bool, False on padding rows after the real tokens (a prefill padded to a graph's token bucket,
+    # engine/prefill_graphs.py); cu_seqlens then ends at the last real row. Padding rows must leave no trace:
+    # their keys go to a scratch page, and Gated DeltaNet gives them beta = 0 and g = 0 (state passed unchanged)
+    valid: torch.Tensor | None = None
     # the kind of step, decided once here: compiled decode layers read these bools, never the q_lens list (reading
     # a list inside torch.compile guards on its length and values, so every batch size would compile anew)
     is_decode: bool = field(init=False)   # one new token per sequence

@@ -83,13 +83,17 @@ class GatedDeltaNet(nn.Module):
                 rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
             cu, cu_host = meta.cu_seqlens, meta.cu_seqlens_cpu
         mixed, z, beta, g = self._project_and_gate(x)
+        padded = meta is not None and meta.valid is not None
+        if padded:   # padding rows (a prefill padded to a graph bucket) pass the state on unchanged
+            valid = meta.valid.view(1, -1, 1)
+            beta, g = beta.where(valid, 0), g.where(valid, 0)
         host = {} if cu_host is None else {"cu_seqlens_cpu": cu_host}
         maps = {} if cu is None else {"token_seq": meta.token_seq, "token_index": meta.token_index}
         # q, k, v as three tensors (contiguous ones from our Triton conv, as fla's chunk kernel takes them), q and k
         # already l2-normalised (in the conv's pass on GPU), so the delta rule does not normalise them again
         qkv, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host, **maps,
                                                 split=[self.key_dim, self.key_dim, self.value_dim],
-                                                l2norm_head=self.dk)
+                                                l2norm_head=self.dk, padded=padded)
         q, k, v = self._heads(qkv)
         if mixed.shape[1] == 1:
             o, rec_final = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,

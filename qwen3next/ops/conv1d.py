@@ -25,6 +25,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
             y, s = causal_conv1d(x[:, bounds[i]:bounds[i + 1]], weight, h0, activation=activation)
             ys.append(y)
             states.append(s)
+        if bounds[-1] < x.shape[1]:   # padding rows after the last sequence (a padded prefill): zeros
+            ys.append(x.new_zeros(x.shape[0], x.shape[1] - bounds[-1], x.shape[2]))
         return torch.cat(ys, dim=1), torch.cat(states, dim=0)
     B, T, C = x.shape
     K = weight.shape[-1]

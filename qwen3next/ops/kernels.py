@@ -209,12 +209,14 @@ CONV_SPLIT_OUTPUT = True
 
 
 def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=None, split=None, l2norm_head=None,
-                  **kw):
+                  padded=False, **kw):
     """`token_seq` / `token_index` (BatchMeta's token maps, with cu_seqlens) let packed prefill chunks on GPU take
     our Triton conv (ops/triton_conv.py), which costs the host a fraction of fla's wrapper. `split` = [Cq, Cq, Cv]
     (Gated DeltaNet's q, k, v channels): the output comes as those three parts (contiguous ones from the Triton
     conv), else as one tensor. `l2norm_head` = d (with split): q and k come l2-normalised per head of d channels
-    (in the Triton conv's pass; elsewhere by ops/gated_delta.l2norm after the conv)."""
+    (in the Triton conv's pass; elsewhere by ops/gated_delta.l2norm after the conv). `padded`: x has padding rows
+    after cu_seqlens[-1] (a padded prefill); the Triton conv or the reference, which give them finite values
+    (fla's conv would leave them unwritten)."""
     parts = None
     if "causal_conv1d" in _overrides:
         y, final = _overrides["causal_conv1d"](x, weight, initial_state, **kw)
@@ -231,6 +233,8 @@ def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=Non
             return y, final
         if apart:
             parts = y
+    elif padded:
+        y, final = _conv.causal_conv1d(x, weight, initial_state, **kw)
     else:
         y, final = _causal_conv1d(x, weight, initial_state, **kw)
     if split is None:

@@ -36,6 +36,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding: draft K tokens per step (0 = off)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
+    p.add_argument("--prefill-graph-tokens", type=int, default=None,
+                   help="replay a prompt's first chunk of up to N tokens (alone in its step) from a CUDA graph "
+                        "per token bucket (GPU only; default 4096, 0 = never)")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
                         "only; the first requests then wait for them)")
@@ -59,7 +62,8 @@ def serve_main(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     engine_args = {k: getattr(args, k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                                                 "kv_cache_gib", "speculative_tokens") if getattr(args, k) is not None}
+                                                 "kv_cache_gib", "speculative_tokens", "prefill_graph_tokens")
+                   if getattr(args, k) is not None}
     llm = LLM(args.model, device=args.device, dtype=args.dtype, seed=args.seed, cuda_graphs=args.cuda_graphs, warm_up=args.warm_up,
               **engine_args)
     names = args.served_model_name or [os.path.basename(os.path.normpath(llm.model_path)) or "qwen3next"]
