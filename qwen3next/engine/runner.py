@@ -63,8 +63,8 @@ class ModelRunner:
                             max_batch=self.num_slots, capture=capture)
 
     def make_prefill_graphs(self, max_tokens: int = PREFILL_GRAPH_MAX_TOKENS, capture: bool = True) -> PrefillGraphs:
-        """A prompt's first chunk of up to `max_tokens` tokens (alone in its step) through static buffers padded to
-        a token bucket, captured in CUDA graphs (capture=False: the same path eagerly, for the CPU tests)."""
+        """A prompt's first chunk of up to `max_tokens` tokens through static buffers padded to a token bucket,
+        captured in CUDA graphs (capture=False: the same path eagerly, for the CPU tests)."""
         return PrefillGraphs(self.model, self.cache, self.pages, max_model_len=self.max_model_len,
                              max_tokens=min(max_tokens, self.max_model_len), capture=capture)
 
@@ -137,6 +137,8 @@ class ModelRunner:
         each (a prompt arriving at a busy server) or none: the prompt replays its prefill graph and the others
         their decode graph, two replays instead of one eager step whose launches would set its pace (the prompt
         and the decoders touch different slots and pages). None where that does not apply."""
+        if self.graphs is not None and self.graphs.applies(batch):
+            return None     # one-token prompts among decoding sequences: the decode graph takes them all at once
         pg = self.prefill_graphs
         fresh = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)) if pg.takes(s, n)]
         if len(fresh) != 1:
