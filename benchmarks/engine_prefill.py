@@ -121,11 +121,14 @@ def main() -> int:
         decoders = start_decoding(eng, args.decoding, cfg.vocab_size)
         pg = eng.runner.prefill_graphs
         if pg is not None:
-            t = time.perf_counter()
+            torch.cuda.synchronize()
+            t, held = time.perf_counter(), torch.cuda.memory_reserved()
             for size in pg.sizes:
                 pg.prepare(size)
-            print(f"prefill graphs: buckets {pg.sizes} captured in {time.perf_counter() - t:.1f} s "
-                  f"({pg.as_dict()['buckets_captured']})", flush=True)
+            capture = {"seconds": time.perf_counter() - t, "reserved_gib": (torch.cuda.memory_reserved() - held) / 2**30,
+                       "buckets": pg.as_dict()["buckets_captured"]}
+            print(f"prefill graphs: buckets {pg.sizes} captured in {capture['seconds']:.1f} s, "
+                  f"{capture['reserved_gib']:.2f} GiB more reserved ({capture['buckets']})", flush=True)
         ttft(eng, 1000 + offset, cfg.vocab_size, 0)          # the kernels' first use, not timed
         for j, n in enumerate(lengths):
             offset += 7                                      # a length no earlier setting used
@@ -155,7 +158,7 @@ def main() -> int:
                   f"{first * 1e3:8.1f} ms first, {again * 1e3:8.1f} ms again  (forward of {ref}: "
                   f"{fwd[ref]:.1f} ms)", flush=True)
         stats.append({"steered": steer is not False, "budget": budget, "graphs": graphs,
-                      "cuda_graphs": eng.runner.graph_stats()})
+                      "cuda_graphs": eng.runner.graph_stats(), "capture": capture if pg is not None else None})
         print(f"  graph stats: {stats[-1]['cuda_graphs']}", flush=True)
         for rid in decoders:
             eng.abort(rid)
