@@ -224,14 +224,14 @@ class StaticSteps(ABC):
             try:
                 started = time.perf_counter()
                 self._capture(bk)
-                log.info("captured the CUDA graph of %s batch %d in %.2f s", self.kind, size,
+                log.info("captured the CUDA graph of %s bucket %d in %.2f s", self.kind, size,
                          time.perf_counter() - started)
             except Exception as e:  # noqa: BLE001 - a capture failure must not take the engine down
                 # this bucket's steps run eagerly from now on; other buckets may still capture (e.g. an fp32 model
                 # whose experts take a host-synchronising path above some batch size)
                 self.failed_buckets.add(size)
                 self.pool = None    # a failed capture can leave its memory pool unusable for the next capture
-                log.warning("CUDA graph capture of %s batch %d failed (%s: %s); these steps run eagerly from now "
+                log.warning("CUDA graph capture of %s bucket %d failed (%s: %s); these steps run eagerly from now "
                             "on", self.kind, size, type(e).__name__, str(e)[:300])
                 log.debug("where the capture failed", exc_info=True)
                 return None
