@@ -179,8 +179,8 @@ def _pages_for(tokens: int, page_size: int) -> int:
 def time_prefill(model, T: int, page_size: int = 64) -> tuple[float, dict]:
     """Seconds of a T-token prefill through the engine's path (paged cache, last token's logits), on the faster
     of the two elementwise paths (Triton passes, or torch ops: kernels.FUSED_ELEMENTWISE), both timed side by
-    side, and up to the engine's prefill-graph size (engine/prefill_graphs.py: a lone prompt's first chunk of
-    up to 4K tokens) also replayed from a CUDA graph, as the engine runs it. Returns (seconds, {path: seconds})."""
+    side, and up to the engine's prefill-graph size (engine/prefill_graphs.py: a new prompt's first chunk
+    of up to 4K tokens) also replayed from a CUDA graph, as the engine runs it. Returns (seconds, {path: seconds})."""
     from .engine.prefill_graphs import PREFILL_GRAPH_MAX_TOKENS
     cache = HybridCache(model.config, 1, _pages_for(T, page_size), page_size, DEV["dtype"], DEV["device"],
                         include_mtp=False)

@@ -7,8 +7,8 @@ import logging
 import pytest
 import torch
 
-from tiny_models import ENGINE_CFG, output_tokens, random_prompts
-from qwen3next import LLM, SamplingParams, random_model, save_model
+from tiny_models import ENGINE_CFG, engine_checkpoint, output_tokens, random_prompts
+from qwen3next import LLM, SamplingParams
 from qwen3next.engine.graphs import DecodeGraphs, bucket_sizes, graphs_enabled
 from qwen3next.engine.sampling_params import SamplingParams as SP
 from qwen3next.engine.sequence import Sequence
@@ -19,9 +19,7 @@ CFG = ENGINE_CFG
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("graphs")
-    save_model(random_model(CFG, seed=3), str(d))
-    return str(d)
+    return engine_checkpoint(tmp_path_factory, "graphs", seed=3)
 
 
 def make(path, static: bool, **kw):

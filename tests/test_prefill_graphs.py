@@ -5,8 +5,8 @@ The capture itself needs a GPU (benchmarks/engine_graphs.py)."""
 import pytest
 import torch
 
-from tiny_models import ENGINE_CFG, output_tokens, random_prompts
-from qwen3next import LLM, SamplingParams, random_model, save_model
+from tiny_models import ENGINE_CFG, engine_checkpoint, output_tokens, random_prompts
+from qwen3next import LLM, SamplingParams
 from qwen3next.engine.prefill_graphs import PrefillGraphs, prefill_buckets
 from qwen3next.engine.sampling_params import SamplingParams as SP
 from qwen3next.engine.scheduler import ScheduledBatch
@@ -18,9 +18,7 @@ CFG = ENGINE_CFG
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prefill_graphs")
-    save_model(random_model(CFG, seed=5), str(d))
-    return str(d)
+    return engine_checkpoint(tmp_path_factory, "prefill_graphs", seed=5)
 
 
 def make(path, static: bool, max_tokens: int = 64, decode_static: bool = True, **kw):

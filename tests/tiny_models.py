@@ -12,6 +12,14 @@ ENGINE_CFG = ModelConfig(vocab_size=97, hidden_size=32, num_hidden_layers=4, num
                          eos_token_id=None)
 
 
+def engine_checkpoint(tmp_path_factory, name: str, seed: int) -> str:
+    """A random ENGINE_CFG model saved in the checkpoint format, in a fresh temporary directory."""
+    from qwen3next import random_model, save_model
+    d = tmp_path_factory.mktemp(name)
+    save_model(random_model(ENGINE_CFG, seed=seed), str(d))
+    return str(d)
+
+
 def random_prompts(lengths, seed=0, vocab=ENGINE_CFG.vocab_size):
     """Token-id prompts of the given lengths, reproducible."""
     g = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..model.cache import BatchMeta, HybridCache
-from .graphs import Bucket, PageTable, StaticSteps
+from .graphs import Bucket, PageTable, StaticSteps, per_row
 
 
 class DraftGraphs(StaticSteps):
@@ -38,8 +38,7 @@ class DraftGraphs(StaticSteps):
 
     def parts(self, size: int) -> dict[str, int]:
         q = self.q
-        per_row = {"next_ids": q, "dest": q, "slots": 1, "start": 1, "last": 1, "update_at": 1, "update_to": 1}
-        return {name: n * size for name, n in per_row.items()}
+        return per_row(size, next_ids=q, dest=q, slots=1, start=1, last=1, update_at=1, update_to=1)
 
     def applies(self, seqs) -> bool:
         return self.fits(len(seqs)) and all(

@@ -73,8 +73,8 @@ class LLMEngine:
             max_num_batched_tokens = default_batched_tokens(model.model.embed_tokens.weight.device)
         self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
         # cuda_graphs: on CUDA, pure decode steps replay a CUDA graph per batch-size bucket (graphs.py), and a
-        # prompt's first chunk of up to prefill_graph_tokens tokens alone in its step one per token bucket
-        # (prefill_graphs.py; 0 = never); QWEN3NEXT_CUDA_GRAPHS=0 also switches them off
+        # prompt's first chunk of up to prefill_graph_tokens tokens (alone or beside decoding sequences) one per
+        # token bucket (prefill_graphs.py; 0 = never); QWEN3NEXT_CUDA_GRAPHS=0 also switches them off
         if prefill_graph_tokens < 0:
             raise ValueError(f"prefill_graph_tokens must be >= 0, got {prefill_graph_tokens}")
         self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size, include_mtp=speculative_tokens > 0,

@@ -52,6 +52,11 @@ def graphs_enabled(device: torch.device, requested: bool = True) -> bool:
     return bool(requested) and torch.device(device).type == "cuda" and os.environ.get(ENV, "1") != "0"
 
 
+def per_row(size: int, **lengths: int) -> dict[str, int]:
+    """Input parts of a bucket of `size` rows, each part `length` ints per row."""
+    return {name: n * size for name, n in lengths.items()}
+
+
 def bucket_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, then multiples of 8, ending exactly at max_batch (capped at MAX_GRAPH_BATCH)."""
     top = min(max_batch, MAX_GRAPH_BATCH)
@@ -149,7 +154,7 @@ class StaticSteps(ABC):
 
     @abstractmethod
     def parts(self, size: int) -> dict[str, int]:
-        """Lengths of the flat int64 input parts of a bucket of `size`, in order."""
+        """Lengths of the flat int64 input parts of a bucket of `size`, in order (`per_row` for batch buckets)."""
 
     @abstractmethod
     def row_values(self, size: int, seqs) -> tuple[list[int], list[tuple[int, int]]]:
@@ -302,8 +307,7 @@ class DecodeGraphs(StaticSteps):
 
     def parts(self, size: int) -> dict[str, int]:
         q = self.q
-        per_row = {"ids": q, "positions": q, "slots": 1, "rows": q, "update_at": 1, "update_to": 1}
-        return {name: n * size for name, n in per_row.items()}
+        return per_row(size, ids=q, positions=q, slots=1, rows=q, update_at=1, update_to=1)
 
     # ---- when -----------------------------------------------------------------------------------------------------
     def applies(self, batch) -> bool:

@@ -30,8 +30,8 @@ class LLM:
         speculative_tokens (k MTP drafts per step, 0 = off), speculative_disable_batch_size (never draft at this
         many decoding sequences), speculative_adaptive (draft only where it measures a gain; default True),
         cuda_graphs (decode steps replayed from CUDA graphs on a GPU; default True), prefill_graph_tokens (a
-        prompt's first chunk of up to this many tokens, alone in its step, replayed from a CUDA graph per token
-        bucket; default 4096, 0 = never), warm_up (on a GPU, compile the prefill kernels and capture the
+        prompt's first chunk of up to this many tokens, alone or beside decoding sequences, replayed from a CUDA
+        graph per token bucket; default 4096, 0 = never), warm_up (on a GPU, compile the prefill kernels and capture the
         one-sequence decode graph and the prefill graphs at start-up; default True)."""
         if model is None:
             from .. import DEFAULT_MODEL

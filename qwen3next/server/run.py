@@ -37,8 +37,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
     p.add_argument("--prefill-graph-tokens", type=int, default=None,
-                   help="replay a prompt's first chunk of up to N tokens (alone in its step) from a CUDA graph "
-                        "per token bucket (GPU only; default 4096, 0 = never)")
+                   help="replay a prompt's first chunk of up to N tokens (alone, or beside decoding sequences) "
+                        "from a CUDA graph per token bucket (GPU only; default 4096, 0 = never)")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
                         "only; the first requests then wait for them)")
