@@ -59,7 +59,7 @@ def _sampling(args, llm):
 
 def _llm(args):
     from .engine.llm import LLM
-    extra = {} if args.prefill_graph_tokens is None else {"prefill_graph_tokens": args.prefill_graph_tokens}
+    extra = {k: getattr(args, k) for k in ("prefill_graph_tokens", "overlap") if getattr(args, k) is not None}
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
                speculative_tokens=args.speculative_tokens, cuda_graphs=args.cuda_graphs, warm_up=args.warm_up,
                **extra)
@@ -116,6 +116,9 @@ def _add_generation_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--prefill-graph-tokens", type=int, default=None,
                    help="replay a prompt's first chunk of up to N tokens (alone, or beside decoding sequences) "
                         "from a CUDA graph per token bucket (GPU only; default 4096, 0 = never)")
+    s.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="wait for each step's sampled tokens before scheduling the next (default: overlap the "
+                        "host's work with the GPU's, on CUDA without speculative decoding)")
     s.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
                         "only; the first requests then wait for them)")

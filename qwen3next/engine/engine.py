@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..ops.sampling import SamplingTensors, make_generator, sample
+from ..ops.transfer import to_device
 from ..tokenizer import IncrementalDetokenizer
 from .cache import CacheManager
 from .prefill_graphs import PREFILL_GRAPH_MAX_TOKENS
@@ -49,13 +50,32 @@ def default_batched_tokens(device: torch.device) -> int:
     return 8192 if device.type == "cuda" else 512
 
 
+class SampledStep:
+    """A step's sampled tokens (and logprobs) on their way to the host: the copies are queued behind the
+    sampling kernels, and `to_host` waits only for them."""
+
+    def __init__(self, seqs: list[Sequence], out):
+        self.seqs = seqs
+        # non_blocking device-to-host copies land in pinned memory; the event marks their completion
+        self.host = [t.to("cpu", non_blocking=True) for t in out]
+        self.ready = None
+        if out.token_ids.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record(torch.cuda.current_stream(out.token_ids.device))
+
+    def to_host(self) -> list[list]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [t.tolist() for t in self.host]
+
+
 class LLMEngine:
     def __init__(self, model, tokenizer=None, *, max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, num_kv_pages: int | None = None, page_size: int = 16,
                  kv_cache_gib: float | None = None, seed: int = 0, generation_config: dict | None = None,
                  speculative_tokens: int = 0, speculative_disable_batch_size: int = 16,
                  speculative_adaptive: bool = True, cuda_graphs: bool = True, warm_up: bool = True,
-                 prefill_graph_tokens: int = PREFILL_GRAPH_MAX_TOKENS):
+                 prefill_graph_tokens: int = PREFILL_GRAPH_MAX_TOKENS, overlap: bool | None = None):
         cfg = model.config
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -71,7 +91,18 @@ class LLMEngine:
         self.cache = CacheManager(max_num_seqs, num_kv_pages, page_size)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = default_batched_tokens(model.model.embed_tokens.weight.device)
-        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        # overlap scheduling: step t+1 is scheduled and launched before step t's sampled tokens reach the host, so
+        # the host's work (detokenising, stop checks, scheduling, the next step's inputs) runs while the GPU
+        # computes. Default: on for CUDA without speculative decoding (drafting needs the tokens on the host)
+        device = model.model.embed_tokens.weight.device
+        if overlap is None:
+            overlap = device.type == "cuda" and not speculative_tokens
+        if overlap and speculative_tokens:
+            raise ValueError("overlap scheduling does not combine with speculative decoding (MTP drafting needs "
+                             "the last sampled token on the host): pass overlap=False or speculative_tokens=0")
+        self.overlap = bool(overlap)
+        self._in_flight: SampledStep | None = None     # the last step's sampled tokens, on their way to the host
         # cuda_graphs: on CUDA, pure decode steps replay a CUDA graph per batch-size bucket (graphs.py), and a
         # prompt's first chunk of up to prefill_graph_tokens tokens (alone or beside decoding sequences) one per
         # token bucket (prefill_graphs.py; 0 = never); QWEN3NEXT_CUDA_GRAPHS=0 also switches them off
@@ -79,7 +110,8 @@ class LLMEngine:
             raise ValueError(f"prefill_graph_tokens must be >= 0, got {prefill_graph_tokens}")
         self.runner = ModelRunner(model, max_num_seqs, num_kv_pages, page_size, include_mtp=speculative_tokens > 0,
                                   max_model_len=self.max_model_len, cuda_graphs=cuda_graphs,
-                                  prefill_graph_tokens=min(prefill_graph_tokens, max_num_batched_tokens))
+                                  prefill_graph_tokens=min(prefill_graph_tokens, max_num_batched_tokens),
+                                  overlap=self.overlap)
         self.speculator = None
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
@@ -173,7 +205,7 @@ class LLMEngine:
         return seq.to_output()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     # ---- one step -------------------------------------------------------------------------------------------------
     def _plan_drafts(self) -> None:
@@ -185,25 +217,52 @@ class LLMEngine:
             s.spec_k = max(0, min(k, self.max_model_len - s.num_tokens)) if ok else 0
 
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; returns the requests that gained tokens or finished.
+
+        Under overlap scheduling the tokens a step samples reach the host during the next call: this call launches
+        its own batch first (its input tokens, where the host does not know them yet, are read from the device),
+        and only then waits for the previous step's tokens, which the GPU finished before starting this batch."""
         spec = self.speculator
         started = time.perf_counter()
+        done: list[Sequence] = []
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and any(s.num_pending and s.params.uses_output_history
+                                         for s in self.scheduler.running):
+            done += self._resolve(in_flight)      # a penalty counts the tokens so far: wait for them
+            in_flight = None
         if spec is not None:
             self._plan_drafts()
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        for s in batch.seqs:
-            s.delta_text, s.delta_token_ids = "", []
+        sampled, pure_decode, verified = self._run(batch, done) if batch else (None, False, False)
+        if in_flight is not None:
+            done[:0] = self._resolve(in_flight)   # older tokens first
+        if sampled is not None:
+            if self.overlap and not any(s.params.uses_output_history for s in sampled.seqs):
+                self._in_flight = sampled
+            else:
+                done += self._resolve(sampled)
+        if spec is not None and pure_decode:
+            if spec.policy.adaptive and self.runner.device.type == "cuda":   # the step's queued GPU work (the
+                # commit graph) is part of its cost
+                torch.cuda.current_stream(self.runner.device).synchronize()
+            spec.policy.observe(len(batch.seqs), verified, sum(len(s.delta_token_ids) for s in batch.seqs),
+                                time.perf_counter() - started)
+        return self._outputs(done)
+
+    def _run(self, batch, done: list[Sequence]) -> tuple[SampledStep | None, bool, bool]:
+        """Launch one batch: drafts, the forward, verification (appends to `done`), and the sampling of the
+        sequences that need a new token. Returns that sampling (its tokens still on the device), whether the step
+        was a pure decode step and whether it verified drafts (what the speculation policy learns from)."""
+        spec = self.speculator
         if spec is not None:
             drafting = [s for s in batch.seqs if s.spec_k > 0]
             if drafting:
                 spec.draft(drafting, self.generator)
         logits, row_of, hidden = self.runner.forward(batch)
-        # a pure decode step (every sequence: its one new token, plus drafts): what the speculation policy learns
-        # from (prefill chunks in the step would blur the comparison)
-        pure_decode = spec is not None and all(
-            n == 1 + (len(s.draft_tokens) if s.spec_k and s.draft_tokens else 0)
-            for s, n in zip(batch.seqs, batch.num_tokens))
+        # a pure decode step (every sequence: its one new token, plus drafts): what the speculation policy
+        # learns from (prefill chunks in the step would blur the comparison)
+        pure_decode = spec is not None and all(n == 1 + (len(s.draft_tokens) if s.spec_k and s.draft_tokens else 0)
+                                               for s, n in zip(batch.seqs, batch.num_tokens))
         rows, verified, offset = [], [], 0
         for i, (s, n) in enumerate(zip(batch.seqs, batch.num_tokens)):
             if s.spec_k and s.draft_tokens:
@@ -217,18 +276,21 @@ class LLMEngine:
             offset += n
         if verified:
             self._verify(verified, logits, row_of, hidden)
-        if rows:
-            self._sample([batch.seqs[i] for i in rows], logits[[row_of[i].start for i in rows]])
-        if pure_decode:
-            if spec.policy.adaptive and self.runner.device.type == "cuda":   # the step's queued GPU work (the
-                # commit graph) is part of its cost
-                torch.cuda.current_stream(self.runner.device).synchronize()
-            spec.policy.observe(len(batch.seqs), bool(verified), sum(len(s.delta_token_ids) for s in batch.seqs),
-                                time.perf_counter() - started)
-        outputs = []
-        for s in batch.seqs:
+            done += [s for _, s, _ in verified]
+        sampled = self._sample([batch.seqs[i] for i in rows], _rows(logits, [row_of[i].start for i in rows])) \
+            if rows else None
+        return sampled, pure_decode, bool(verified)
+
+    def _outputs(self, done: list[Sequence]) -> list[RequestOutput]:
+        """One output per request that gained tokens or finished (its deltas then start afresh)."""
+        outputs, seen = [], set()
+        for s in done:
+            if id(s) in seen:
+                continue
+            seen.add(id(s))
             if s.delta_token_ids or s.is_finished:
                 outputs.append(s.to_output())
+                s.delta_text, s.delta_token_ids = "", []
             if s.is_finished:
                 self.requests.pop(s.request_id, None)
         return outputs
@@ -253,25 +315,43 @@ class LLMEngine:
         for _, s, _ in verified:
             s.spec_k, s.draft_tokens = 0, []
 
-    def _sample(self, seqs: list[Sequence], logits) -> None:
-        """One new token for each sequence whose last known token was just computed."""
+    def _sample(self, seqs: list[Sequence], logits) -> SampledStep:
+        """One new token for each sequence whose last token was just computed, sampled on the device; each
+        sequence counts it as pending until `_resolve`."""
         st = SamplingTensors.from_params([s.params for s in seqs], [s.output_token_ids for s in seqs],
                                          [s.prompt_token_ids for s in seqs], [s.generator for s in seqs],
                                          logits.device, logits.shape[-1], shared_generator=self.generator,
-                                         eos_token_ids=sorted(self.eos_token_ids))
+                                         eos_token_ids=sorted(self.eos_token_ids),
+                                         pending=[s.num_pending for s in seqs])
         out = sample(logits, st)
-        toks, lps = out.token_ids.tolist(), out.logprobs.tolist()
-        top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
-        now = time.monotonic()
+        if self.runner.sampled is not None:    # the next step's input tokens, where the host does not know them
+            self.runner.sampled[:len(seqs)].copy_(out.token_ids)
         for j, s in enumerate(seqs):
+            s.num_pending += 1
+            s.pending_row = j
+        return SampledStep(seqs, out)
+
+    def _resolve(self, step: SampledStep) -> list[Sequence]:
+        """Append a sampled step's tokens (waiting for them to reach the host): detokenise, check stops, finish.
+        A sequence that finished in the meantime (aborted, or ended by an earlier token while this step ran)
+        drops its token. Returns the sequences that took one."""
+        toks, lps, top_ids, top_lps = step.to_host()
+        now = time.monotonic()
+        took = []
+        for j, s in enumerate(step.seqs):
+            if s.is_finished:
+                continue
+            s.num_pending -= 1
             self._append(s, toks[j], lps[j], top_ids[j], top_lps[j], now)
+            took.append(s)
+        return took
 
     def _append(self, s: Sequence, tok: int, lp: float, top_ids, top_lps, now: float) -> None:
         p = s.params
         if s.first_token_time is None:
             s.first_token_time = now
             self.stats.ttft.append(now - s.arrival_time)
-        s.output_token_ids.append(tok)
+        s.output_token_ids.append(tok)     # (after the known tokens; tokens still pending follow it)
         s.delta_token_ids.append(tok)
         self.stats.generation_tokens += 1
         if s.logprobs is not None:
@@ -296,7 +376,7 @@ class LLMEngine:
                     finish, stop_reason = "stop", matched
         if finish is None and p.max_tokens is not None and n_out >= p.max_tokens:
             finish = "length"
-        if finish is None and s.num_tokens >= self.max_model_len:
+        if finish is None and s.num_known >= self.max_model_len:
             finish = "length"
         if finish is not None:
             s.stop_reason = stop_reason
@@ -313,6 +393,7 @@ class LLMEngine:
             s.text += emit
             s.delta_text += emit
         s.finish_reason = reason
+        s.num_pending, s.pending_row = 0, None     # tokens still on the device are dropped
         s.finish_time = time.monotonic()
         if len(s.output_token_ids) > 1 and s.first_token_time is not None:
             self.stats.tpot.append((s.finish_time - s.first_token_time) / (len(s.output_token_ids) - 1))
@@ -334,6 +415,14 @@ class LLMEngine:
                 "preemptions": self.scheduler.num_preemptions,
                 **({"speculative": self.speculative_stats()} if self.speculator is not None else {}),
                 **({"cuda_graphs": self.runner.graph_stats()} if self.runner.graphs is not None else {})}
+
+
+def _rows(logits: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """logits[starts]: a view where the rows are consecutive (a decode step's), else a gather whose index is
+    copied without waiting for the GPU."""
+    if starts == list(range(starts[0], starts[0] + len(starts))):
+        return logits[starts[0]:starts[0] + len(starts)]
+    return logits[to_device(starts, torch.long, logits.device)]
 
 
 def read_generation_config(path: str | None) -> dict:

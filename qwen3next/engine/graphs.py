@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.cache import BatchMeta, GDNState, HybridCache
+from ..ops.transfer import to_device
 
 log = logging.getLogger("qwen3next.engine")
 
@@ -96,9 +97,8 @@ class PageTable:
 
     def write(self, updates: list[tuple[int, int]]) -> None:
         if updates:   # a row new to its slot (a request's first graph step, a slot changing hands)
-            at, to = zip(*updates)
-            dev = self.table.device
-            self.table.view(-1).index_copy_(0, torch.tensor(at, device=dev), torch.tensor(to, device=dev))
+            at, to = to_device(list(zip(*updates)), torch.long, self.table.device)
+            self.table.view(-1).index_copy_(0, at, to)
 
     def apply(self, update_at: torch.Tensor, update_to: torch.Tensor) -> None:
         """Inside a graph: the inline updates."""
@@ -296,18 +296,21 @@ class DecodeGraphs(StaticSteps):
     token and k drafts per sequence, the GDN states after every token kept), per batch-size bucket."""
 
     def __init__(self, model, cache: HybridCache, pages: PageTable, *, max_model_len: int, max_batch: int,
-                 drafts: int = 0, capture: bool = True):
+                 drafts: int = 0, capture: bool = True, sampled: torch.Tensor | None = None):
         if drafts < 0:
             raise ValueError(f"drafts must be >= 0, got {drafts}")
         self.drafts, self.q = drafts, drafts + 1
+        # overlap scheduling: a row's input token may be one the last step sampled, read from `sampled` inside
+        # the graph (row part `pending`: its index there, or -1 when the host knows the token)
+        self.sampled = sampled
         self.kind = "decode" if drafts == 0 else f"verification (k={drafts})"
         super().__init__(model, cache, pages, max_model_len=max_model_len, max_size=max_batch, capture=capture)
         self.keeps = torch.zeros(self.sizes[-1], dtype=torch.long, device=self.device)   # commit's input
         self.commits = 0
 
     def parts(self, size: int) -> dict[str, int]:
-        q = self.q
-        return per_row(size, ids=q, positions=q, slots=1, rows=q, update_at=1, update_to=1)
+        q, pending = self.q, int(self.sampled is not None)
+        return per_row(size, ids=q, positions=q, slots=1, rows=q, update_at=1, update_to=1, pending=pending)
 
     # ---- when -----------------------------------------------------------------------------------------------------
     def applies(self, batch) -> bool:
@@ -361,7 +364,12 @@ class DecodeGraphs(StaticSteps):
         torch.index_select(self.pages.table, 0, v["slots"], out=e["page_table"])
         torch.add(e["first"], self.q, out=e["context_lens"])
         torch.eq(e["first"], 0, out=e["fresh"])        # a row starting at position 0: a 1-token prompt
-        out = self.model(v["ids"], cache=self.cache, meta=bk.meta)
+        ids = v["ids"]
+        if self.sampled is not None:
+            src = v["pending"]
+            last = ids.view(bk.size, self.q)[:, 0]
+            last.copy_(torch.where(src >= 0, self.sampled[src.clamp(min=0)], last))
+        out = self.model(ids, cache=self.cache, meta=bk.meta)
         return out.logits, out.hidden_states
 
     def after_capture(self, bk: Bucket) -> None:
@@ -412,10 +420,11 @@ class DecodeGraphs(StaticSteps):
     # ---- static inputs --------------------------------------------------------------------------------------------
     def row_values(self, size: int, seqs) -> tuple[list[int], list[tuple[int, int]]]:
         ps, q = self.page_size, self.q
-        ids, pos, slots, rows = [], [], [], []
+        ids, pos, slots, rows, pending = [], [], [], [], []
         for s in seqs:
             p = s.num_computed
             ids += s.token_slice(p, p + 1) + (list(s.draft_tokens) if self.drafts else [])
+            pending.append(s.pending_row if p == s.num_known else -1)
             for j in range(q):
                 pos.append(p + j)
                 rows.append(s.pages[(p + j) // ps] * ps + (p + j) % ps)
@@ -426,7 +435,8 @@ class DecodeGraphs(StaticSteps):
         slots += [self.scratch_slot] * pad
         rows += [self.scratch_page * ps + j % ps for j in range(q)] * pad
         updates, extra = self.pages.inline(self.pages.updates(seqs), size)
-        return ids + pos + slots + rows + updates, extra
+        pending = pending + [-1] * pad if self.sampled is not None else []
+        return ids + pos + slots + rows + updates + pending, extra
 
     def as_dict(self) -> dict:
         return {**super().as_dict(), **({"commits": self.commits} if self.drafts else {})}

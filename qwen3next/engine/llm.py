@@ -31,7 +31,8 @@ class LLM:
         many decoding sequences), speculative_adaptive (draft only where it measures a gain; default True),
         cuda_graphs (decode steps replayed from CUDA graphs on a GPU; default True), prefill_graph_tokens (a
         prompt's first chunk of up to this many tokens, alone or beside decoding sequences, replayed from a CUDA
-        graph per token bucket; default 4096, 0 = never), warm_up (on a GPU, compile the prefill kernels and capture the
+        graph per token bucket; default 4096, 0 = never), overlap (schedule and launch the next step before this
+        step's sampled tokens reach the host; default: on for CUDA without speculative decoding), warm_up (on a GPU, compile the prefill kernels and capture the
         one-sequence decode graph and the prefill graphs at start-up; default True)."""
         if model is None:
             from .. import DEFAULT_MODEL

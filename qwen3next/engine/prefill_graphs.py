@@ -65,7 +65,8 @@ class PrefillGraphs(StaticSteps):
     # ---- when -----------------------------------------------------------------------------------------------------
     def takes(self, s, n: int) -> bool:
         """A chunk of n tokens of sequence s from its first token, no drafts, in a bucket that did not fail."""
-        return s.num_computed == 0 and not (s.spec_k and s.draft_tokens) and self.fits(n) and n <= s.num_tokens
+        return (s.num_computed == 0 and not (s.spec_k and s.draft_tokens) and self.fits(n) and n <= s.num_tokens
+                and n <= s.num_known)     # (a recomputed sequence whose last token is pending: eagerly)
 
     # ---- one step -------------------------------------------------------------------------------------------------
     def run(self, seq, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -14,6 +14,7 @@ import time
 import torch
 
 from ..model.cache import BatchMeta, HybridCache
+from ..ops.transfer import to_device
 from .draft_graphs import DraftGraphs
 from .graphs import DecodeGraphs, PageTable, graphs_enabled
 from .prefill_graphs import PREFILL_GRAPH_MAX_TOKENS, PrefillGraphs
@@ -25,10 +26,14 @@ log = logging.getLogger("qwen3next.engine")
 class ModelRunner:
     def __init__(self, model, num_slots: int, num_pages: int, page_size: int, include_mtp: bool = False,
                  max_model_len: int | None = None, cuda_graphs: bool = True,
-                 prefill_graph_tokens: int = PREFILL_GRAPH_MAX_TOKENS):
+                 prefill_graph_tokens: int = PREFILL_GRAPH_MAX_TOKENS, overlap: bool = False):
         self.model = model
         p = model.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
+        # overlap scheduling (engine.py): the last step's sampled tokens stay on the device, row j of `sampled`
+        # for the step's j-th sampling sequence; the next step reads a pending input token from there
+        self.sampled: torch.Tensor | None = (
+            torch.zeros(num_slots + 1, dtype=torch.long, device=self.device) if overlap else None)
         # one state slot and one KV page more than the cache manager hands out (it knows only slots < num_slots,
         # pages < num_pages): the scratch that padding rows of graph-replayed decode steps write into
         self.cache = HybridCache(model.config, num_slots + 1, num_pages + 1, page_size, self.dtype, self.device,
@@ -60,7 +65,7 @@ class ModelRunner:
         """Decode steps through static buffers, captured in CUDA graphs (capture=False: the same path run eagerly,
         how the CPU tests check it)."""
         return DecodeGraphs(self.model, self.cache, self.pages, max_model_len=self.max_model_len,
-                            max_batch=self.num_slots, capture=capture)
+                            max_batch=self.num_slots, capture=capture, sampled=self.sampled)
 
     def make_prefill_graphs(self, max_tokens: int = PREFILL_GRAPH_MAX_TOKENS, capture: bool = True) -> PrefillGraphs:
         """A prompt's first chunk of up to `max_tokens` tokens through static buffers padded to a token bucket,
@@ -113,10 +118,12 @@ class ModelRunner:
         self.eager_steps += 1
         seqs, counts = batch.seqs, batch.num_tokens
         ids, keep, rows, r = [], [], {}, 0
-        offset = 0
+        offset, pending = 0, []
         for i, (s, n) in enumerate(zip(seqs, counts)):
             d = s.draft_tokens if s.spec_k else []
             ids += s.token_slice(s.num_computed, s.num_computed + n - len(d)) + d
+            if s.num_computed + n - len(d) > s.num_known:
+                pending.append((offset + s.num_known - s.num_computed, _pending_row(s, n - len(d))))
             want = (len(d) + 1) if s.num_computed + n - len(d) == s.num_tokens else 0
             keep += range(offset + n - want, offset + n)
             if want:
@@ -127,9 +134,11 @@ class ModelRunner:
         meta = BatchMeta.build(counts, [s.num_computed for s in seqs], [s.slot for s in seqs],
                                [s.pages for s in seqs], self.page_size, self.device,
                                keep_step_states=spec if any(spec) else None)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        out = self.model(input_ids, cache=self.cache, meta=meta,
-                         logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device))
+        input_ids = to_device(ids, torch.long, self.device)
+        if pending:     # tokens the last step sampled, still on the device
+            at, src = to_device(list(zip(*pending)), torch.long, self.device)
+            input_ids[at] = self.sampled[src]
+        out = self.model(input_ids, cache=self.cache, meta=meta, logits_to_keep=to_device(keep, torch.long, self.device))
         return out.logits.float(), rows, out.hidden_states
 
     def _prefill_by_graph(self, batch: ScheduledBatch):
@@ -222,6 +231,14 @@ class ModelRunner:
             out["verification"] = self.verify_graphs.as_dict()
             out["drafting"] = self.draft_graphs.as_dict()
         return out
+
+
+def _pending_row(s, n: int) -> int:
+    """Where the one pending token among a sequence's n scheduled tokens (its last) was sampled."""
+    if s.pending_row is None or s.num_computed + n != s.num_known + 1:
+        raise RuntimeError(f"request {s.request_id}: only its last scheduled token may be pending (computed "
+                           f"{s.num_computed}, scheduled {n}, known {s.num_known}, pending {s.num_pending})")
+    return s.pending_row
 
 
 def _merge(batch: ScheduledBatch, idx_a: list[int], a, idx_b: list[int], b):

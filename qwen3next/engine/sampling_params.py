@@ -130,6 +130,12 @@ class SamplingParams:
         """True when the next token is always the argmax of the penalised logits."""
         return self.temperature < GREEDY_TEMPERATURE_EPS or self.top_k == 1
 
+    @property
+    def uses_output_history(self) -> bool:
+        """True when sampling reads the tokens generated so far (a penalty is on): the engine then knows every
+        earlier token before it samples the next (no overlap scheduling for this request's steps)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     # Keys of generation_config.json that map one-to-one onto our fields.
     _GENERATION_CONFIG_KEYS = (
         "temperature",

@@ -5,6 +5,8 @@ next chunk of its prompt), then waiting sequences are admitted in arrival order 
 Long prompts are thus prefilled in chunks interleaved with other sequences' decode steps. When KV pages run out
 for a running sequence, the most recently admitted one is preempted: its slot and pages are freed and it will be
 recomputed from its prompt + output so far (a recurrent state cannot be partially kept, so recompute is the rule).
+Under overlap scheduling a sequence's last sampled token may still be on the device (`Sequence.num_pending`): it
+is scheduled like a known token, unless the tokens sampled so far already end the request by length.
 """
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, cache: CacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.cache = cache
         self.max_num_seqs = min(max_num_seqs, cache.num_slots)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len if max_model_len is not None else cache.num_pages * cache.page_size
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -71,6 +75,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:          # preempted below to make room for an older sequence
                 continue
+            if seq.num_pending and seq.length_reached(self.max_model_len):
+                continue                         # overlap scheduling: its last sampled token ends it
             remaining = seq.num_tokens - seq.num_computed
             # a decoding sequence with drafts verifies them in the same step: 1 + spec_k tokens
             n = min(remaining + (seq.spec_k if remaining == 1 else 0), budget)

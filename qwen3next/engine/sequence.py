@@ -17,7 +17,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)     # identity: the scheduler's `in` / `remove` on lists of sequences must not compare fields
 class CompletionOutput:
     index: int
     text: str                                    # everything generated so far
@@ -33,7 +33,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(eq=False)     # identity: the scheduler's `in` / `remove` on lists of sequences must not compare fields
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -44,7 +44,7 @@ class RequestOutput:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)     # identity: the scheduler's `in` / `remove` on lists of sequences must not compare fields
 class Sequence:
     request_id: str
     prompt: str | None
@@ -68,6 +68,10 @@ class Sequence:
     finish_time: float | None = None
     num_preemptions: int = 0
     error: str | None = None
+    # overlap scheduling: tokens sampled on the device whose values the host does not know yet (they follow
+    # output_token_ids); the newest of them is row `pending_row` of the runner's sampled-token buffer
+    num_pending: int = 0
+    pending_row: int | None = None
     # speculative decoding: drafts to verify in this step
     spec_k: int = 0
     draft_tokens: list[int] = field(default_factory=list)
@@ -77,13 +81,28 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt, output and pending tokens: the positions the cache will hold."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose values the host knows (all but the pending ones)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids[start:] if start < n else []) + self.output_token_ids[max(start - n, 0):end - n]
+        """Token ids at positions [start, end); a pending position reads 0 (the runner fills in the value the
+        device sampled: `pending_row`)."""
+        n, known = len(self.prompt_token_ids), self.num_known
+        ids = self.prompt_token_ids[start:min(end, n)] if start < n else []
+        ids = ids + self.output_token_ids[max(start - n, 0):max(min(end, known) - n, 0)]
+        return ids + [0] * (end - max(start, known)) if end > known else ids
+
+    def length_reached(self, max_model_len: int) -> bool:
+        """The tokens sampled so far (pending ones included) end the request by length: max_tokens or the
+        engine's context. Such a sequence is not stepped again while its last tokens are pending."""
+        m = self.params.max_tokens
+        return (m is not None and len(self.output_token_ids) + self.num_pending >= m) or \
+            self.num_tokens >= max_model_len
 
     @property
     def is_finished(self) -> bool:

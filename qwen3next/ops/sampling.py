@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 
+from .transfer import to_device
+
 if TYPE_CHECKING:  # ops stays importable without the engine package
     from qwen3next.engine.sampling_params import SamplingParams
 
@@ -85,7 +87,7 @@ def _count_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int, device:
     longest = max((len(t) for t in token_lists), default=0)
     # Pad with an extra "vocab_size" column that is dropped afterwards.
     padded = [list(t) + [vocab_size] * (longest - len(t)) for t in token_lists]
-    ids = torch.tensor(padded, dtype=torch.long).reshape(len(token_lists), longest).to(device)
+    ids = to_device(torch.tensor(padded, dtype=torch.long).reshape(len(token_lists), longest), torch.long, device)
     counts = torch.zeros((len(token_lists), vocab_size + 1), dtype=torch.int32, device=device)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int32))
     return counts[:, :vocab_size]
@@ -136,13 +138,16 @@ class SamplingTensors:
         *,
         shared_generator: torch.Generator | None = None,
         eos_token_ids: Sequence[int] = (),
+        pending: Sequence[int] | None = None,
     ) -> "SamplingTensors":
         """Gather a batch's settings.
 
         generators[i] is row i's persistent generator (see `make_generator`), or
         None to draw from `shared_generator`.  eos_token_ids (with each row's
         stop_token_ids) are banned on rows that have fewer than min_tokens
-        output tokens.
+        output tokens.  pending[i]: output tokens of row i sampled but not in
+        its list yet (counted for min_tokens; a row with a penalty must have
+        none, as its penalties count the tokens themselves).
         """
         device = torch.device(device)
         batch = len(params_list)
@@ -152,9 +157,6 @@ class SamplingTensors:
             generators = [None] * batch
         if len(generators) != batch:
             raise ValueError("generators must have one entry (or None) per row")
-
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
 
         greedy = [p.greedy for p in params_list]
         top_k = [p.top_k if p.top_k >= 1 else vocab_size for p in params_list]
@@ -167,6 +169,13 @@ class SamplingTensors:
         min_p = [0.0 if g else p.min_p for g, p in zip(greedy, params_list)]
         top_k = [1 if g else k for g, k in zip(greedy, top_k)]
 
+        pending = list(pending) if pending is not None else [0] * batch
+        if len(pending) != batch:
+            raise ValueError("pending must have one entry per row")
+        for p, n in zip(params_list, pending):
+            if n and p.uses_output_history:
+                raise ValueError("a row with a repetition, presence or frequency penalty needs all its output "
+                                 "tokens known (pending must be 0)")
         do_repetition = any(p.repetition_penalty != 1.0 for p in params_list)
         do_output_penalties = do_repetition or any(
             p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params_list
@@ -174,24 +183,28 @@ class SamplingTensors:
         output_counts = _count_tokens(output_token_ids_list, vocab_size, device) if do_output_penalties else None
         prompt_mask = _count_tokens(prompt_token_ids_list, vocab_size, device) > 0 if do_repetition else None
 
+        banned_at = []      # (row, token id) pairs: min_tokens not reached
+        for row, (p, out, n) in enumerate(zip(params_list, output_token_ids_list, pending)):
+            if len(out) + n < p.min_tokens:
+                banned_at += [(row, t) for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab_size]
         banned = None
-        for row, (p, out) in enumerate(zip(params_list, output_token_ids_list)):
-            if len(out) < p.min_tokens:
-                ids = [t for t in (*eos_token_ids, *p.stop_token_ids) if 0 <= t < vocab_size]
-                if ids:
-                    if banned is None:
-                        banned = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
-                    banned[row, ids] = True
+        if banned_at:
+            banned = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
+            banned[tuple(to_device(list(zip(*banned_at)), torch.long, device))] = True
 
+        # every per-row setting in one copy to the device (float32 holds top_k exactly: vocabularies < 2**24)
+        columns = to_device([temperature, top_k, top_p, min_p, [p.repetition_penalty for p in params_list],
+                             [p.presence_penalty for p in params_list], [p.frequency_penalty for p in params_list],
+                             [float(g) for g in greedy]], torch.float32, device)
         return cls(
-            temperature=column(temperature),
-            top_k=column(top_k, torch.long),
-            top_p=column(top_p),
-            min_p=column(min_p),
-            repetition_penalty=column([p.repetition_penalty for p in params_list]),
-            presence_penalty=column([p.presence_penalty for p in params_list]),
-            frequency_penalty=column([p.frequency_penalty for p in params_list]),
-            greedy=column(greedy, torch.bool),
+            temperature=columns[0],
+            top_k=columns[1].long(),
+            top_p=columns[2],
+            min_p=columns[3],
+            repetition_penalty=columns[4],
+            presence_penalty=columns[5],
+            frequency_penalty=columns[6],
+            greedy=columns[7] > 0.5,
             output_counts=output_counts,
             prompt_mask=prompt_mask,
             banned=banned,

@@ -39,6 +39,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-graph-tokens", type=int, default=None,
                    help="replay a prompt's first chunk of up to N tokens (alone, or beside decoding sequences) "
                         "from a CUDA graph per token bucket (GPU only; default 4096, 0 = never)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
+                   help="wait for each step's sampled tokens before scheduling the next (default: overlap the "
+                        "host's work with the GPU's, on CUDA without speculative decoding)")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
                         "only; the first requests then wait for them)")
@@ -62,7 +65,8 @@ def serve_main(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     engine_args = {k: getattr(args, k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                                                 "kv_cache_gib", "speculative_tokens", "prefill_graph_tokens")
+                                                 "kv_cache_gib", "speculative_tokens", "prefill_graph_tokens",
+                                                 "overlap")
                    if getattr(args, k) is not None}
     llm = LLM(args.model, device=args.device, dtype=args.dtype, seed=args.seed, cuda_graphs=args.cuda_graphs, warm_up=args.warm_up,
               **engine_args)
