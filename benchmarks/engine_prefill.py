@@ -6,10 +6,11 @@ prompt length is new to the attention kernels. This sends prompts of lengths the
 token is generated, so the time is the prefill's) under each setting and reports the engine's time to first
 token (TTFT) over the model's forward of the same length (bench.time_prefill, warm). Settings: the prefill budget
 (chunk size), whether the attention backend is steered (ops/sdpa.py) or left to torch, and whether a lone
-prompt's first chunk replays a CUDA graph (engine/prefill_graphs.py; `--graphs`, captured before timing).
+prompt's first chunk replays a CUDA graph (engine/prefill_graphs.py; `--graphs`, captured before timing), and
+overlap scheduling (`--overlap`: on by default, as in the engine on CUDA).
 
     python benchmarks/engine_prefill.py [--layers 8] [--lengths 4000,4100,4200] [--budgets 512,8192]
-                                        [--graphs off|on|both] [--out F]
+                                        [--graphs off|on|both] [--overlap off|on|both] [--out F]
 """
 from __future__ import annotations
 
@@ -91,6 +92,8 @@ def main() -> int:
     ap.add_argument("--warm-up", action="store_true", help="build the engines with their start-up warm-up")
     ap.add_argument("--graphs", default="off", choices=("off", "on", "both"),
                     help="CUDA graphs (every prefill token bucket captured before timing), off, or both")
+    ap.add_argument("--overlap", default="on", choices=("off", "on", "both"),
+                    help="overlap scheduling (the engine's default on CUDA), off, or both")
     ap.add_argument("--decoding", type=int, default=0,
                     help="sequences decoding while the prompts arrive (their step runs with each prefill)")
     ap.add_argument("--out", default="benchmarks/results/engine_prefill.json")
@@ -113,11 +116,12 @@ def main() -> int:
     offset = 0
     steers = {"both": (False, "auto"), "on": ("auto",), "off": (False,)}[args.steer]
     graph_settings = {"both": (False, True), "on": (True,), "off": (False,)}[args.graphs]
-    settings = [(st, b, g) for st in steers for b in budgets for g in graph_settings]
-    for steer, budget, graphs in settings:
+    overlaps = {"both": (False, True), "on": (True,), "off": (False,)}[args.overlap]
+    settings = [(st, b, g, ov) for st in steers for b in budgets for g in graph_settings for ov in overlaps]
+    for steer, budget, graphs, overlap in settings:
         sdpa.STEER["enabled"] = steer
         eng = LLMEngine(m, None, max_num_seqs=args.decoding + 4, max_model_len=max(lengths) + 4096,
-                        cuda_graphs=graphs, warm_up=args.warm_up, max_num_batched_tokens=budget)
+                        cuda_graphs=graphs, warm_up=args.warm_up, max_num_batched_tokens=budget, overlap=overlap)
         decoders = start_decoding(eng, args.decoding, cfg.vocab_size)
         pg = eng.runner.prefill_graphs
         if pg is not None:
@@ -148,16 +152,18 @@ def main() -> int:
                 first = ttft(eng, n + offset, cfg.vocab_size, n)
             again = ttft(eng, n + offset, cfg.vocab_size, n + 1)     # the same length once more
             ref = min(fwd, key=lambda T: abs(T - n))
-            row = {"steered": steer is not False, "budget": budget, "graphs": graphs, "decoding": args.decoding,
+            row = {"steered": steer is not False, "budget": budget, "graphs": graphs, "overlap": overlap,
+                   "decoding": args.decoding,
                    "tokens": n + offset,
                    "ttft_first_ms": first * 1e3, "ttft_again_ms": again * 1e3,
                    "forward_ms": fwd[ref], "forward_tokens": ref}
             rows.append(row)
-            print(f"steered={row['steered']!s:5} budget {budget:5} graphs={graphs!s:5} decoding {args.decoding:2} "
+            print(f"steered={row['steered']!s:5} budget {budget:5} graphs={graphs!s:5} overlap={overlap!s:5} "
+                  f"decoding {args.decoding:2} "
                   f"{n + offset:5} tokens: TTFT "
                   f"{first * 1e3:8.1f} ms first, {again * 1e3:8.1f} ms again  (forward of {ref}: "
                   f"{fwd[ref]:.1f} ms)", flush=True)
-        stats.append({"steered": steer is not False, "budget": budget, "graphs": graphs,
+        stats.append({"steered": steer is not False, "budget": budget, "graphs": graphs, "overlap": overlap,
                       "cuda_graphs": eng.runner.graph_stats(), "capture": capture if pg is not None else None})
         print(f"  graph stats: {stats[-1]['cuda_graphs']}", flush=True)
         for rid in decoders:

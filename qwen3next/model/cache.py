@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import FULL, ModelConfig
+from ..ops.transfer import to_device
 
 
 @dataclass
 class BatchMeta:
-    """Who is where in a packed batch. Every tensor is built on the host in one go and moved once, so a step needs
-    no device-to-host syncs (and a decode step can be captured in a CUDA graph with these tensors as inputs)."""
+    """Who is where in a packed batch. Every tensor is built on the host in one go and moved in one copy, so a step
+    needs no device-to-host syncs (and a decode step can be captured in a CUDA graph with these tensors as inputs)."""
     cu_seqlens: torch.Tensor     # [S+1] long: sequence i's new tokens are rows cu_seqlens[i]:cu_seqlens[i+1]
     positions: torch.Tensor      # [N] long: absolute position of every new token
     slots: torch.Tensor          # [S] long: state slot of every sequence
@@ -80,12 +81,19 @@ class BatchMeta:
         width = max(len(r) for r in page_table) or 1
         table = [list(r) + [0] * (width - len(r)) for r in page_table]
         max_ctx = max(ends) if pad_context_to is None else max(pad_context_to, max(ends))
-        t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        host = [t(cu), t(positions), t(slots), t(table), t(ends), torch.tensor([s == 0 for s in start_positions]),
-                t(rows), t(seq_of), t(idx)]
-        dev = [x.to(device, non_blocking=True) for x in host]
+        # one copy to the device, from pinned memory, not waited for (ops/transfer.py); then views of it
+        parts = [cu, positions, slots, [p for r in table for p in r], ends, [int(s == 0) for s in start_positions],
+                 rows, seq_of, idx]
+        flat = to_device([v for part in parts for v in part], torch.long, device)
+        dev, at = [], 0
+        for part in parts:
+            dev.append(flat[at:at + len(part)])
+            at += len(part)
+        dev[3] = dev[3].view(len(table), width)
+        dev[5] = dev[5].bool()
         return cls(*dev, q_lens=list(q_lens), start_positions=list(start_positions), page_size=page_size,
-                   max_context_len=max_ctx, keep_step_states=keep_step_states, cu_seqlens_cpu=host[0])
+                   max_context_len=max_ctx, keep_step_states=keep_step_states,
+                   cu_seqlens_cpu=torch.tensor(cu, dtype=torch.long))
 
 
 @dataclass
