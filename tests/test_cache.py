@@ -121,3 +121,20 @@ def test_packed_prefill_hands_host_boundaries_to_the_gdn_ops(model, ids):
     assert cuda._host_bounds(lambda x, cu_seqlens=None: 0, meta.cu_seqlens_cpu) == {}
     assert cuda._host_bounds(lambda x, cu_seqlens_cpu=None: 0, meta.cu_seqlens_cpu)["cu_seqlens_cpu"] is \
         meta.cu_seqlens_cpu
+
+
+def test_batch_meta_tensors_are_views_of_one_aligned_buffer():
+    """One copy to the device, and every tensor starts 16 int64s (128 bytes) into its buffer (Triton compiles a
+    kernel anew for a pointer that is not 16-byte aligned); the values are the per-field ones."""
+    meta = BatchMeta.build([3, 1, 2], [0, 7, 4], [2, 0, 1], [[5], [1, 3], [4, 6]], 4)
+    fields = [meta.cu_seqlens, meta.positions, meta.slots, meta.page_table, meta.context_lens, meta.fresh,
+              meta.slot_mapping, meta.token_seq, meta.token_index]
+    # (the buffer itself is allocated aligned: 512 bytes on CUDA, 64 on CPU)
+    assert all(t.storage_offset() % 16 == 0 for t in fields if t.dtype == torch.long)
+    assert len({t.untyped_storage().data_ptr() for t in fields if t.dtype == torch.long}) == 1
+    assert meta.cu_seqlens.tolist() == [0, 3, 4, 6] and meta.positions.tolist() == [0, 1, 2, 7, 4, 5]
+    assert meta.page_table.tolist() == [[5, 0], [1, 3], [4, 6]] and meta.context_lens.tolist() == [3, 8, 6]
+    assert meta.fresh.tolist() == [True, False, False] and meta.slots.tolist() == [2, 0, 1]
+    assert meta.slot_mapping.tolist() == [20, 21, 22, 3 * 4 + 3, 6 * 4 + 0, 6 * 4 + 1]
+    assert meta.token_seq.tolist() == [0, 0, 0, 1, 2, 2] and meta.token_index.tolist() == [0, 1, 2, 0, 0, 1]
+    assert meta.cu_seqlens_cpu.tolist() == [0, 3, 4, 6] and meta.cu_seqlens_cpu.device.type == "cpu"

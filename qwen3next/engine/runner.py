@@ -195,10 +195,12 @@ class ModelRunner:
         started = time.perf_counter()
         n = max(1, min(self.page_size // 2, 8))
         slot, page = self.num_slots, self.num_pages
-        # (sequences, start): one and two sequences from their first token, then a later chunk of the one
+        # (sequences, start): one and two sequences from their first token, then a later chunk of one and of two
         # (the kernels' variants with an initial state, attention over cached keys): fla autotunes those anew,
-        # which made the first long prompt through 8K chunks wait 22 s on an H100 (engine_prefill.py, 2026-11-24)
-        for seqs, start in ((1, 0), (2, 0), (1, n)):
+        # which made the first long prompt through 8K chunks wait 22 s on an H100 (engine_prefill.py, 2026-11-24);
+        # two with initial states are what a prompt's eager chunk beside decoding sequences runs (a first 32K
+        # prompt beside 8 of them waited 21 s for 12 compiles of fla's chunk_fwd_h without it)
+        for seqs, start in ((1, 0), (2, 0), (1, n), (2, n)):
             if start + n > self.page_size:
                 continue
             meta = BatchMeta.build([n] * seqs, [start] * seqs, [slot] * seqs, [[page]] * seqs, self.page_size,

@@ -16,6 +16,9 @@ from ..config import FULL, ModelConfig
 from ..ops.transfer import to_device
 
 
+ALIGN = 16     # int64 elements (128 bytes) between the starts of BatchMeta's tensors in their one device buffer
+
+
 @dataclass
 class BatchMeta:
     """Who is where in a packed batch. Every tensor is built on the host in one go and moved in one copy, so a step
@@ -81,14 +84,18 @@ class BatchMeta:
         width = max(len(r) for r in page_table) or 1
         table = [list(r) + [0] * (width - len(r)) for r in page_table]
         max_ctx = max(ends) if pad_context_to is None else max(pad_context_to, max(ends))
-        # one copy to the device, from pinned memory, not waited for (ops/transfer.py); then views of it
+        # one copy to the device, from pinned memory, not waited for (ops/transfer.py); then views of it, each
+        # starting 128-byte aligned: Triton compiles a kernel anew for a pointer that is not 16-byte aligned (a
+        # first 32K prompt beside decoding sequences compiled the conv twice more when these views were packed)
         parts = [cu, positions, slots, [p for r in table for p in r], ends, [int(s == 0) for s in start_positions],
                  rows, seq_of, idx]
-        flat = to_device([v for part in parts for v in part], torch.long, device)
-        dev, at = [], 0
+        flat, starts = [], []
         for part in parts:
-            dev.append(flat[at:at + len(part)])
-            at += len(part)
+            flat += [0] * (-len(flat) % ALIGN)
+            starts.append(len(flat))
+            flat += part
+        flat = to_device(flat, torch.long, device)
+        dev = [flat[at:at + len(part)] for at, part in zip(starts, parts)]
         dev[3] = dev[3].view(len(table), width)
         dev[5] = dev[5].bool()
         return cls(*dev, q_lens=list(q_lens), start_positions=list(start_positions), page_size=page_size,
