@@ -170,3 +170,32 @@ def test_async_engine_streams_and_aborts(ckpt):
         assert llm.engine.usage()["slots_used"] == 0 and llm.engine.usage()["pages_used"] == 0
     finally:
         eng.shutdown()
+
+
+def test_output_kinds(ckpt):
+    """cumulative: every step, everything so far; delta: every step, only its part; final_only: one output at the
+    end. The three agree on the tokens, text and logprobs; LLM.generate asks the engine for final outputs only."""
+    llm = make(ckpt)
+    eng = llm.engine
+    p = {"prompt_token_ids": prompt(9, 12)}
+    got = {}
+    for kind in ("cumulative", "delta", "final_only"):
+        rid = eng.add_request(p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2,
+                                                output_kind=kind))
+        outs = []
+        while eng.has_unfinished():
+            outs += [o for o in eng.step() if o.request_id == rid]
+        got[kind] = outs
+    cum, delta, final = got["cumulative"], got["delta"], got["final_only"]
+    assert len(cum) == len(delta) == 6 and len(final) == 1 and final[0].finished
+    whole = cum[-1].outputs[0]
+    assert [len(o.outputs[0].token_ids) for o in cum] == [1, 2, 3, 4, 5, 6]
+    assert [t for o in delta for t in o.outputs[0].token_ids] == whole.token_ids == final[0].outputs[0].token_ids
+    assert [e for o in delta for e in o.outputs[0].logprobs] == whole.logprobs == final[0].outputs[0].logprobs
+    assert all(len(o.outputs[0].token_ids) == 1 for o in delta)
+    seen = []
+    eng.step = (lambda step: lambda: (seen.append(step()), seen[-1])[1])(eng.step)
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2))[0]
+    assert out.outputs[0].token_ids == whole.token_ids and sum(len(x) for x in seen) == 1
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="partial")

@@ -77,6 +77,22 @@ def test_completion_plain_and_streamed_agree(client, llm):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
 
 
+def test_a_request_not_streamed_gets_only_its_final_output(client, llm):
+    """The engine builds no per-step outputs for it (output_kind final_only); a streamed one gets one per step."""
+    eng, seen = llm.engine, []
+    step = eng.step
+    eng.step = lambda: (lambda outs: (seen.extend(outs), outs)[1])(step())     # the worker thread's next steps
+    try:
+        whole = client.completions.create(model=MODEL_NAME, prompt="The quick brown fox", **GREEDY)
+        assert len(seen) == 1 and seen[0].finished and len(seen[0].outputs[0].token_ids) == 12
+        assert whole.usage.completion_tokens == 12
+        seen.clear()
+        list(client.completions.create(model=MODEL_NAME, prompt="The quick brown fox", stream=True, **GREEDY))
+        assert len(seen) == 12
+    finally:
+        del eng.step
+
+
 def test_completion_token_ids_prompt_and_logprobs(client, llm):
     ids = llm.tokenizer.encode("Hello world")
     out = client.completions.create(model=MODEL_NAME, prompt=ids, logprobs=3, **GREEDY)

@@ -282,14 +282,16 @@ class LLMEngine:
         return sampled, pure_decode, bool(verified)
 
     def _outputs(self, done: list[Sequence]) -> list[RequestOutput]:
-        """One output per request that gained tokens or finished (its deltas then start afresh)."""
+        """One output per request that gained tokens or finished, unless it wants only its final one (its deltas
+        then start afresh)."""
         outputs, seen = [], set()
         for s in done:
             if id(s) in seen:
                 continue
             seen.add(id(s))
-            if s.delta_token_ids or s.is_finished:
+            if s.is_finished or (s.delta_token_ids and s.params.output_kind != "final_only"):
                 outputs.append(s.to_output())
+            if s.delta_token_ids or s.is_finished:
                 s.delta_text, s.delta_token_ids = "", []
             if s.is_finished:
                 self.requests.pop(s.request_id, None)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator
 
 import torch
@@ -72,6 +73,9 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        # only the final outputs are returned, so the engine builds no others (vLLM's LLM does the same)
+        params = [dataclasses.replace(sp or self.engine.default_sampling_params(), output_kind="final_only")
+                  if sp is None or isinstance(sp, SamplingParams) else sp for sp in params]
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         return self._run(ids, use_tqdm)
 

@@ -17,6 +17,8 @@ GREEDY_TEMPERATURE_EPS = 1e-5
 # vLLM's cap on the number of top logprobs returned per token.
 MAX_LOGPROBS = 20
 
+OUTPUT_KINDS = ("cumulative", "delta", "final_only")
+
 
 def _is_int(value: Any) -> bool:
     # bool is an int subclass, but `top_k=True` is a mistake, not a number.
@@ -54,6 +56,12 @@ class SamplingParams:
         addition to the sampled token's logprob; None = no logprobs.
     skip_special_tokens: leave special tokens out of the detokenized text.
     include_stop_str_in_output: keep the matched stop string in the text.
+    output_kind: what the engine hands back while the request runs (vLLM's
+        RequestOutputKind): "cumulative" (every step that added tokens: the
+        text, token ids and logprobs so far), "delta" (every such step: only
+        what it added) or "final_only" (one output, when the request ends).
+        A cumulative output copies everything so far at each step; the other
+        two cost the host nothing that grows with the output's length.
     """
 
     n: int = 1
@@ -73,6 +81,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n != 1:
@@ -110,6 +119,8 @@ class SamplingParams:
             )
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None, got {self.logprobs!r}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

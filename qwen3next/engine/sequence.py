@@ -109,10 +109,17 @@ class Sequence:
         return self.status == Status.FINISHED
 
     def to_output(self) -> RequestOutput:
-        logprobs = list(self.logprobs) if self.logprobs is not None else None   # a copy: the engine appends on
-        comp = CompletionOutput(0, self.text, list(self.output_token_ids),
-                                self.cumulative_logprob if logprobs is not None else None, logprobs,
-                                self.finish_reason, self.stop_reason, self.delta_text, list(self.delta_token_ids))
+        """What the request has produced, as its `output_kind` asks: everything so far (copies: the engine appends
+        on), or only the last step's part (`delta`)."""
+        delta = list(self.delta_token_ids)
+        if self.params.output_kind == "delta":
+            text, ids = self.delta_text, delta
+            logprobs = self.logprobs[len(self.logprobs) - len(delta):] if self.logprobs is not None else None
+        else:
+            text, ids = self.text, list(self.output_token_ids)
+            logprobs = list(self.logprobs) if self.logprobs is not None else None
+        comp = CompletionOutput(0, text, ids, self.cumulative_logprob if logprobs is not None else None, logprobs,
+                                self.finish_reason, self.stop_reason, self.delta_text, delta)
         metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
                    "finish_time": self.finish_time, "num_preemptions": self.num_preemptions}
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [comp], self.is_finished, metrics,

@@ -39,7 +39,10 @@ class Serving:
         if req.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
         given = {f: getattr(req, f) for f in _PASSTHROUGH if getattr(req, f) is not None}
-        given.update(max_tokens=max_tokens, logprobs=logprobs)
+        # a non-streamed request reads only its final output: the engine builds no others (each would be a copy of
+        # everything so far, handed across threads)
+        given.update(max_tokens=max_tokens, logprobs=logprobs,
+                     output_kind="cumulative" if getattr(req, "stream", False) else "final_only")
         return self.client.sampling_params(**given)
 
 
