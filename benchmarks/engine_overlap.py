@@ -46,11 +46,12 @@ def load(name: str, layers: int, device: str):
     return bench.random_gpu_model(preset("qwen3-next-80b-a3b"), layers)
 
 
-def decode_run(eng: LLMEngine, batch: int, tokens: int, vocab: int, seed: int) -> dict:
+def decode_run(eng: LLMEngine, batch: int, tokens: int, vocab: int, seed: int, **sampling) -> dict:
     """B requests together; ms per decode step from the step that delivered the first token to the last one."""
     g = torch.Generator().manual_seed(seed)
     ids = [eng.add_request({"prompt_token_ids": torch.randint(0, vocab, (64,), generator=g).tolist()},
-                           SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)) for _ in range(batch)]
+                           SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True, **sampling))
+           for _ in range(batch)]
     sync()
     t0, first, out = time.perf_counter(), None, {}
     while eng.has_unfinished():
@@ -152,6 +153,15 @@ def main() -> int:
                   f"({row['tokens_per_s_overlap']:,.0f} tok/s): {row['speedup']:.2f}x; graph alone "
                   f"{alone if alone is None else round(alone, 3)} ms; identical {row['identical']}; host waits in "
                   f"10 steps: {row.get('syncs_in_10_steps')}", flush=True)
+        if name == "default":   # penalties count the pending token on the device: the same tokens as without overlap
+            pen = dict(presence_penalty=1.5, repetition_penalty=1.1, frequency_penalty=0.3)
+            got = {ov: decode_run(eng, 8, args.tokens, vocab, seed=7, **pen)["tokens"] for ov, eng in engines.items()}
+            same = sum(a == b for a, b in zip(got[False], got[True]))
+            plain = decode_run(engines[True], 8, args.tokens, vocab, seed=7)["tokens"]
+            res["penalties_identical"] = f"{same}/8"
+            res["penalties_change_tokens"] = sum(a != b for a, b in zip(plain, got[True]))
+            print(f"  default, penalties {pen}: identical with and without overlap {same}/8 "
+                  f"(the penalties changed {res['penalties_change_tokens']}/8 requests)", flush=True)
         del engines, model
         if on_gpu:
             torch.cuda.empty_cache()

@@ -105,15 +105,48 @@ def test_stops_end_at_the_same_token(ckpt):
     assert o.token_ids == free[:4]
 
 
-def test_penalties_wait_for_their_tokens(ckpt):
-    """A repetition penalty counts every earlier token, so those requests' steps resolve before the next: the
-    same tokens as the synchronous engine, beside requests that overlap."""
+def test_penalties_count_the_pending_token(ckpt):
+    """A penalty counts every earlier token, the last of which is still on the device when the next is sampled:
+    it is counted there. The same tokens as the synchronous engine, beside requests without penalties."""
     ps = prompts([14, 6, 30], seed=5)
     sps = [SamplingParams(temperature=0, max_tokens=15, repetition_penalty=1.3, ignore_eos=True),
-           greedy(15), SamplingParams(temperature=0, max_tokens=10, frequency_penalty=0.5, ignore_eos=True)]
+           greedy(15), SamplingParams(temperature=0, max_tokens=10, frequency_penalty=0.5, presence_penalty=0.4,
+                                      ignore_eos=True)]
     sync = tokens(make(ckpt, overlap=False, max_num_seqs=3).generate(ps, sps))
-    assert tokens(make(ckpt, overlap=True, max_num_seqs=3).generate(ps, sps)) == sync
-    assert tokens(make(ckpt, overlap=True).generate(ps[1:2], sps[1:2])) == sync[1:2]
+    assert sync[0] != tokens(make(ckpt, overlap=False).generate(ps[:1], greedy(15)))[0]   # the penalty matters
+    over = make(ckpt, overlap=True, static=True, max_num_seqs=3)
+    eng = over.engine
+    for p, sp in zip(ps, sps):
+        eng.add_request(p, sp)
+    in_flight = 0
+    while eng.has_unfinished():
+        eng.step()
+        in_flight += eng._in_flight is not None
+    assert in_flight >= 14                                  # the penalised requests' steps overlapped too
+    assert tokens(make(ckpt, overlap=True).generate(ps, sps)) == sync
+    assert tokens(make(ckpt, overlap=True).generate(ps[2:], sps[2:])) == sync[2:]
+
+
+def test_the_sampler_gets_the_pending_tokens_ids(ckpt, monkeypatch):
+    """What the penalties count in place of the token the host has not seen: its id on the device, which is the
+    token the request's output holds at that position in the end."""
+    import qwen3next.engine.engine as engine_module
+    seen = []
+
+    class Recording(engine_module.SamplingTensors):
+        @classmethod
+        def from_params(cls, params, outputs, prompts, generators, device, vocab, **kw):
+            if kw.get("pending_ids") is not None:
+                seen.extend((out, len(out), n, int(t)) for out, n, t in zip(outputs, kw["pending"],
+                                                                            kw["pending_ids"]))
+            return super().from_params(params, outputs, prompts, generators, device, vocab, **kw)
+
+    monkeypatch.setattr(engine_module, "SamplingTensors", Recording)
+    sps = [SamplingParams(temperature=0, max_tokens=12, presence_penalty=1.0, ignore_eos=True), greedy(9)]
+    outs = make(ckpt, overlap=True, static=True).generate(prompts([10, 7], seed=11), sps)
+    rows = [(out, at, t) for out, at, n, t in seen if n]
+    assert len(rows) >= 18 and all(out[at] == t for out, at, t in rows)
+    assert tokens(outs) == tokens(make(ckpt, overlap=False).generate(prompts([10, 7], seed=11), sps))
 
 
 def test_outputs_lag_one_call_and_inputs_come_from_the_device(ckpt):

@@ -93,6 +93,23 @@ def test_penalties_match_hand_computation():
     assert torch.allclose(apply_penalties(logits, t), want)
 
 
+def test_a_pending_token_counts_like_a_known_one():
+    """Overlap scheduling: a row's last output token is still on the device (pending_ids); the penalties and the
+    min_tokens ban treat it as if it were in the row's list."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 3.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    ps = [SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
+          SamplingParams(presence_penalty=1.0, min_tokens=2, stop_token_ids=[1])]
+    known = tensors(ps, outputs=[[2, 2, 3], [4, 0]], prompts=[[0, 1], [3]], vocab=5)
+    pending = tensors(ps, outputs=[[2, 2], [4]], prompts=[[0, 1], [3]], vocab=5, pending=[1, 1],
+                      pending_ids=torch.tensor([3, 0]))
+    assert torch.equal(pending.output_counts, known.output_counts)
+    assert torch.equal(apply_penalties(logits, pending), apply_penalties(logits, known))
+    short = tensors(ps, outputs=[[2, 2], [4]], prompts=[[0, 1], [3]], vocab=5)
+    assert short.banned[1, 1] and known.banned is None and pending.banned is None     # 1 of 2 vs 2 of 2
+    with pytest.raises(ValueError, match="pending_ids"):
+        tensors(ps, outputs=[[2, 2], [4]], prompts=[[0, 1], [3]], vocab=5, pending=[1, 0])
+
+
 def test_presence_and_frequency_ignore_prompt_tokens():
     logits = torch.zeros(1, 4)
     p = SamplingParams(frequency_penalty=1.0, presence_penalty=1.0)

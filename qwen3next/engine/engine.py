@@ -226,10 +226,6 @@ class LLMEngine:
         started = time.perf_counter()
         done: list[Sequence] = []
         in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None and any(s.num_pending and s.params.uses_output_history
-                                         for s in self.scheduler.running):
-            done += self._resolve(in_flight)      # a penalty counts the tokens so far: wait for them
-            in_flight = None
         if spec is not None:
             self._plan_drafts()
         batch = self.scheduler.schedule()
@@ -237,7 +233,7 @@ class LLMEngine:
         if in_flight is not None:
             done[:0] = self._resolve(in_flight)   # older tokens first
         if sampled is not None:
-            if self.overlap and not any(s.params.uses_output_history for s in sampled.seqs):
+            if self.overlap:
                 self._in_flight = sampled
             else:
                 done += self._resolve(sampled)
@@ -324,7 +320,7 @@ class LLMEngine:
                                          [s.prompt_token_ids for s in seqs], [s.generator for s in seqs],
                                          logits.device, logits.shape[-1], shared_generator=self.generator,
                                          eos_token_ids=sorted(self.eos_token_ids),
-                                         pending=[s.num_pending for s in seqs])
+                                         pending=[s.num_pending for s in seqs], pending_ids=self._pending_ids(seqs))
         out = sample(logits, st)
         if self.runner.sampled is not None:    # the next step's input tokens, where the host does not know them
             self.runner.sampled[:len(seqs)].copy_(out.token_ids)
@@ -332,6 +328,13 @@ class LLMEngine:
             s.num_pending += 1
             s.pending_row = j
         return SampledStep(seqs, out)
+
+    def _pending_ids(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The device's copy of each sequence's pending token (0 where none), for the penalties to count."""
+        if not any(s.num_pending for s in seqs) or not any(s.params.uses_output_history for s in seqs):
+            return None
+        rows = to_device([s.pending_row if s.num_pending else 0 for s in seqs], torch.long, self.runner.device)
+        return self.runner.sampled[rows]
 
     def _resolve(self, step: SampledStep) -> list[Sequence]:
         """Append a sampled step's tokens (waiting for them to reach the host): detokenise, check stops, finish.

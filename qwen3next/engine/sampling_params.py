@@ -143,8 +143,8 @@ class SamplingParams:
 
     @property
     def uses_output_history(self) -> bool:
-        """True when sampling reads the tokens generated so far (a penalty is on): the engine then knows every
-        earlier token before it samples the next (no overlap scheduling for this request's steps)."""
+        """True when sampling reads the tokens generated so far (a penalty is on): under overlap scheduling the
+        engine then hands the sampler the device's copy of the token the host has not seen yet."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     # Keys of generation_config.json that map one-to-one onto our fields.

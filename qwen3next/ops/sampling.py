@@ -139,15 +139,17 @@ class SamplingTensors:
         shared_generator: torch.Generator | None = None,
         eos_token_ids: Sequence[int] = (),
         pending: Sequence[int] | None = None,
+        pending_ids: torch.Tensor | None = None,
     ) -> "SamplingTensors":
         """Gather a batch's settings.
 
         generators[i] is row i's persistent generator (see `make_generator`), or
         None to draw from `shared_generator`.  eos_token_ids (with each row's
         stop_token_ids) are banned on rows that have fewer than min_tokens
-        output tokens.  pending[i]: output tokens of row i sampled but not in
-        its list yet (counted for min_tokens; a row with a penalty must have
-        none, as its penalties count the tokens themselves).
+        output tokens.  pending[i] (0 or 1): an output token of row i sampled
+        but not in its list yet, whose id is pending_ids[i] on the device
+        (overlap scheduling: the host has not seen it); it counts for
+        min_tokens and, added on the device, for the penalties.
         """
         device = torch.device(device)
         batch = len(params_list)
@@ -170,17 +172,18 @@ class SamplingTensors:
         top_k = [1 if g else k for g, k in zip(greedy, top_k)]
 
         pending = list(pending) if pending is not None else [0] * batch
-        if len(pending) != batch:
-            raise ValueError("pending must have one entry per row")
-        for p, n in zip(params_list, pending):
-            if n and p.uses_output_history:
-                raise ValueError("a row with a repetition, presence or frequency penalty needs all its output "
-                                 "tokens known (pending must be 0)")
+        if len(pending) != batch or any(n not in (0, 1) for n in pending):
+            raise ValueError("pending must have one entry, 0 or 1, per row")
         do_repetition = any(p.repetition_penalty != 1.0 for p in params_list)
         do_output_penalties = do_repetition or any(
             p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params_list
         )
         output_counts = _count_tokens(output_token_ids_list, vocab_size, device) if do_output_penalties else None
+        if output_counts is not None and any(pending):      # the pending tokens, counted where they are
+            if pending_ids is None or pending_ids.shape != (batch,):
+                raise ValueError("penalties over rows with a pending token need pending_ids, one id per row")
+            add = to_device(pending, torch.int32, device)[:, None]
+            output_counts.scatter_add_(1, pending_ids.to(device)[:, None].clamp(0, vocab_size - 1), add)
         prompt_mask = _count_tokens(prompt_token_ids_list, vocab_size, device) > 0 if do_repetition else None
 
         banned_at = []      # (row, token id) pairs: min_tokens not reached
