@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--repeat", type=int, default=3, help="rounds per setting; the first is not counted")
+    ap.add_argument("--profile", metavar="FILE", help="also cProfile one overlap run per batch size (the host's "
+                    "functions by their own time) into FILE")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke test of the script (default model)")
     ap.add_argument("--out", default="benchmarks/results/engine_overlap.json")
     args = ap.parse_args()
@@ -147,6 +149,16 @@ def main() -> int:
                    "all_ms_per_step": {str(ov): [x["ms_per_step"] for x in rs] for ov, rs in runs.items()}}
             if on_gpu:
                 row["syncs_in_10_steps"] = {str(ov): sync_audit(eng, B, vocab) for ov, eng in engines.items()}
+            if args.profile:
+                import cProfile
+                import io
+                import pstats
+                prof = cProfile.Profile()
+                prof.runcall(decode_run, engines[True], B, args.tokens, vocab, B)
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+                with open(args.profile, "a") as f:
+                    f.write(f"== {row['model']} B={B}, overlap, {args.tokens} tokens per request\n{text.getvalue()}\n")
             res["rows"].append(row)
             print(f"  {row['model']:>22} B={B:<3} sync {row['ms_per_step_sync']:.3f} ms/step "
                   f"({row['tokens_per_s_sync']:,.0f} tok/s), overlap {row['ms_per_step_overlap']:.3f} ms/step "

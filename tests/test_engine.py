@@ -199,3 +199,32 @@ def test_output_kinds(ckpt):
     assert out.outputs[0].token_ids == whole.token_ids and sum(len(x) for x in seen) == 1
     with pytest.raises(ValueError, match="output_kind"):
         SamplingParams(output_kind="partial")
+
+
+def test_sampling_settings_are_built_once_per_batch(ckpt, monkeypatch):
+    """A decode batch of the same requests reuses its sampling settings on the device; they are built anew when
+    the requests change, and at every step while a row's settings follow its output (a min_tokens ban)."""
+    import qwen3next.engine.engine as engine_module
+    built = []
+
+    class Counting(engine_module.SamplingTensors):
+        @classmethod
+        def from_params(cls, params, *a, **kw):
+            built.append(len(params))
+            return super().from_params(params, *a, **kw)
+
+    monkeypatch.setattr(engine_module, "SamplingTensors", Counting)
+    llm = make(ckpt, max_num_seqs=2)
+    ps = [{"prompt_token_ids": prompt(n, 30 + n)} for n in (5, 8, 6)]
+    sps = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+           SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True),
+           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+    outs = llm.generate(ps, sps)
+    # 2 requests together (built once), then 1 alone after the second ends (once), then the third joins (once
+    # for its prefill step beside the first's decode, once for the two decoding together), then the first alone
+    assert len(built) <= 6 and sum(built) < 20, built
+    ref = [make(ckpt).generate([p], sp)[0].outputs[0].token_ids for p, sp in zip(ps, sps)]
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    built.clear()
+    llm.generate([ps[0]], SamplingParams(temperature=0, max_tokens=8, min_tokens=4, stop_token_ids=[7]))
+    assert len(built) == 5          # steps 1-4 ban the stop id (rebuilt each step), then reused

@@ -56,8 +56,10 @@ class SampledStep:
 
     def __init__(self, seqs: list[Sequence], out):
         self.seqs = seqs
-        # non_blocking device-to-host copies land in pinned memory; the event marks their completion
-        self.host = [t.to("cpu", non_blocking=True) for t in out]
+        # non_blocking device-to-host copies land in pinned memory; the event marks their completion (no logprobs
+        # computed: zeros and empty top lists, which only requests that asked for logprobs would read)
+        self.host = [t.to("cpu", non_blocking=True) if t is not None else None for t in out]
+        self.rows = len(seqs)
         self.ready = None
         if out.token_ids.is_cuda:
             self.ready = torch.cuda.Event()
@@ -66,7 +68,8 @@ class SampledStep:
     def to_host(self) -> list[list]:
         if self.ready is not None:
             self.ready.synchronize()
-        return [t.tolist() for t in self.host]
+        empty = ([0.0] * self.rows, [[]] * self.rows, [[]] * self.rows)
+        return [self.host[0].tolist()] + [t.tolist() if t is not None else e for t, e in zip(self.host[1:], empty)]
 
 
 class LLMEngine:
@@ -103,6 +106,7 @@ class LLMEngine:
                              "the last sampled token on the host): pass overlap=False or speculative_tokens=0")
         self.overlap = bool(overlap)
         self._in_flight: SampledStep | None = None     # the last step's sampled tokens, on their way to the host
+        self._sampling_cache = None                     # the last batch's sampling settings (_sampling_tensors)
         # cuda_graphs: on CUDA, pure decode steps replay a CUDA graph per batch-size bucket (graphs.py), and a
         # prompt's first chunk of up to prefill_graph_tokens tokens (alone or beside decoding sequences) one per
         # token bucket (prefill_graphs.py; 0 = never); QWEN3NEXT_CUDA_GRAPHS=0 also switches them off
@@ -316,18 +320,37 @@ class LLMEngine:
     def _sample(self, seqs: list[Sequence], logits) -> SampledStep:
         """One new token for each sequence whose last token was just computed, sampled on the device; each
         sequence counts it as pending until `_resolve`."""
-        st = SamplingTensors.from_params([s.params for s in seqs], [s.output_token_ids for s in seqs],
-                                         [s.prompt_token_ids for s in seqs], [s.generator for s in seqs],
-                                         logits.device, logits.shape[-1], shared_generator=self.generator,
-                                         eos_token_ids=sorted(self.eos_token_ids),
-                                         pending=[s.num_pending for s in seqs], pending_ids=self._pending_ids(seqs))
-        out = sample(logits, st)
+        out = sample(logits, self._sampling_tensors(seqs, logits))
         if self.runner.sampled is not None:    # the next step's input tokens, where the host does not know them
             self.runner.sampled[:len(seqs)].copy_(out.token_ids)
         for j, s in enumerate(seqs):
             s.num_pending += 1
             s.pending_row = j
         return SampledStep(seqs, out)
+
+    def _sampling_tensors(self, seqs: list[Sequence], logits) -> SamplingTensors:
+        """The batch's sampling settings on the device. A decode batch is usually the same requests step after
+        step: their settings are reused then (built anew, ~0.1 ms of host time, only when the requests change or
+        a row's settings depend on its output so far: penalties, a min_tokens ban)."""
+        params = [s.params for s in seqs]
+        generators = [s.generator for s in seqs]
+        with_logprobs = any(s.logprobs is not None for s in seqs)
+        fixed = not any(p.uses_output_history or len(s.output_token_ids) + s.num_pending < p.min_tokens
+                        for s, p in zip(seqs, params))
+        cached = self._sampling_cache
+        if (fixed and cached is not None and cached[0] == (with_logprobs, logits.shape[-1])
+                and len(cached[1]) == len(seqs) and all(a is b for a, b in zip(cached[1], params))
+                and all(a is b for a, b in zip(cached[2], generators))):
+            return cached[3]
+        st = SamplingTensors.from_params(params, [s.output_token_ids for s in seqs],
+                                         [s.prompt_token_ids for s in seqs], generators,
+                                         logits.device, logits.shape[-1], shared_generator=self.generator,
+                                         eos_token_ids=sorted(self.eos_token_ids),
+                                         pending=[s.num_pending for s in seqs], pending_ids=self._pending_ids(seqs),
+                                         with_logprobs=with_logprobs)
+        # (the cache holds the params and generators themselves, so their identities cannot be reused)
+        self._sampling_cache = ((with_logprobs, logits.shape[-1]), params, generators, st) if fixed else None
+        return st
 
     def _pending_ids(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """The device's copy of each sequence's pending token (0 where none), for the penalties to count."""

@@ -60,12 +60,15 @@ class SampleOutput(NamedTuple):
                   most likely first; K = the largest `logprobs` asked for in the
                   batch (0 if none).  A row that asked for fewer uses a prefix.
     top_logprobs: [B, K] float, their raw logprobs.
+    The last three are None when the batch was built with
+    `with_logprobs=False` (no row asked for logprobs: the engine then skips
+    the reduction over the vocabulary that they cost).
     """
 
     token_ids: torch.Tensor
-    logprobs: torch.Tensor
-    top_ids: torch.Tensor
-    top_logprobs: torch.Tensor
+    logprobs: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -125,6 +128,7 @@ class SamplingTensors:
     do_min_p: bool
     any_greedy: bool
     all_greedy: bool
+    with_logprobs: bool = True  # False: `sample` returns token ids only
 
     @classmethod
     def from_params(
@@ -140,6 +144,7 @@ class SamplingTensors:
         eos_token_ids: Sequence[int] = (),
         pending: Sequence[int] | None = None,
         pending_ids: torch.Tensor | None = None,
+        with_logprobs: bool = True,
     ) -> "SamplingTensors":
         """Gather a batch's settings.
 
@@ -150,6 +155,8 @@ class SamplingTensors:
         but not in its list yet, whose id is pending_ids[i] on the device
         (overlap scheduling: the host has not seen it); it counts for
         min_tokens and, added on the device, for the penalties.
+        with_logprobs=False: `sample` computes no logprobs (a caller that
+        knows no row wants them).
         """
         device = torch.device(device)
         batch = len(params_list)
@@ -221,6 +228,7 @@ class SamplingTensors:
             do_min_p=any(m > 0.0 for m in min_p),
             any_greedy=any(greedy),
             all_greedy=all(greedy),
+            with_logprobs=with_logprobs,
         )
 
 
@@ -331,8 +339,7 @@ def _exponential_race(probs: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         # All unseeded rows share one draw from the shared generator.
         unseeded = torch.empty_like(probs).exponential_(generator=t.shared_generator)
         if seeded:
-            is_seeded = torch.zeros(probs.shape[0], dtype=torch.bool, device=probs.device)
-            is_seeded[seeded] = True
+            is_seeded = to_device([g is not None for g in t.generators], torch.bool, probs.device)
             race = torch.where(is_seeded.unsqueeze(1), race, unseeded)
         else:
             race = unseeded
@@ -357,6 +364,8 @@ def sample(logits: torch.Tensor, params: SamplingTensors) -> SampleOutput:
         sampled = _exponential_race(probs, params)
         token_ids = torch.where(params.greedy, token_ids, sampled)
 
+    if not params.with_logprobs:
+        return SampleOutput(token_ids, None, None, None)
     # Raw logprobs: only a logsumexp and gathers, no [B, V] log_softmax kept.
     log_normaliser = torch.logsumexp(raw, dim=-1, keepdim=True)
     chosen_logprobs = raw.gather(-1, token_ids.unsqueeze(1)).sub_(log_normaliser).squeeze(1)
