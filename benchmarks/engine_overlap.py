@@ -177,8 +177,8 @@ def main() -> int:
         del engines, model
         if on_gpu:
             torch.cuda.empty_cache()
-    print("\n| model | batch | sync ms/step | overlap ms/step | overlap vs sync | graph alone ms | overlap ÷ graph alone "
-          "| identical |\n|---|---|---|---|---|---|---|---|")
+    print("\n| model | batch | sync ms/step | overlap ms/step | overlap vs sync | graph alone ms "
+          "| overlap ÷ graph alone | identical |\n|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         ga = r["graph_alone_ms"]
         print(f"| {r['model']} | {r['batch']} | {r['ms_per_step_sync']:.3f} | {r['ms_per_step_overlap']:.3f} | "

@@ -206,3 +206,28 @@ def test_stream_and_async_engine(ckpt):
     finally:
         eng.shutdown()
     assert outs[-1].finished and outs[-1].outputs[0].token_ids == ref
+
+
+def test_a_failed_step_loses_no_token(ckpt):
+    """The step after a token was sampled fails (its forward raises): the pending token still reaches its request,
+    nothing stays pending, and the next steps redo the failed one (the server's loop goes on after a failure)."""
+    p = prompts([12], seed=13)[0]
+    ref = tokens(make(ckpt, overlap=False).generate([p], greedy(8)))[0]
+    eng = make(ckpt, overlap=True, static=True).engine
+    rid = eng.add_request(p, greedy(8))
+    got = []
+    for _ in range(3):
+        got += [t for o in eng.step() for t in o.outputs[0].delta_token_ids]
+    forward = eng.runner.forward
+
+    def broken(batch):
+        raise RuntimeError("injected")
+    eng.runner.forward = broken
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.step()
+    seq = eng.requests[rid]
+    assert seq.num_pending == 0 and len(seq.output_token_ids) == len(got) + 1
+    eng.runner.forward = forward                  # (the token the failed call appended comes with the next output)
+    while eng.has_unfinished():
+        got += [t for o in eng.step() for t in o.outputs[0].delta_token_ids]
+    assert got == ref

@@ -233,9 +233,11 @@ class LLMEngine:
         if spec is not None:
             self._plan_drafts()
         batch = self.scheduler.schedule()
-        sampled, pure_decode, verified = self._run(batch, done) if batch else (None, False, False)
-        if in_flight is not None:
-            done[:0] = self._resolve(in_flight)   # older tokens first
+        try:
+            sampled, pure_decode, verified = self._run(batch, done) if batch else (None, False, False)
+        finally:   # (also when this step failed: the earlier tokens are real, and no sequence may stay pending)
+            if in_flight is not None:
+                done[:0] = self._resolve(in_flight)   # older tokens first
         if sampled is not None:
             if self.overlap:
                 self._in_flight = sampled

@@ -138,7 +138,8 @@ class ModelRunner:
         if pending:     # tokens the last step sampled, still on the device
             at, src = to_device(list(zip(*pending)), torch.long, self.device)
             input_ids[at] = self.sampled[src]
-        out = self.model(input_ids, cache=self.cache, meta=meta, logits_to_keep=to_device(keep, torch.long, self.device))
+        out = self.model(input_ids, cache=self.cache, meta=meta,
+                         logits_to_keep=to_device(keep, torch.long, self.device))
         return out.logits.float(), rows, out.hidden_states
 
     def _prefill_by_graph(self, batch: ScheduledBatch):

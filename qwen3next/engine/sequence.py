@@ -17,7 +17,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)     # identity: the scheduler's `in` / `remove` on lists of sequences must not compare fields
+@dataclass
 class CompletionOutput:
     index: int
     text: str                                    # everything generated so far
@@ -33,7 +33,7 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
-@dataclass(eq=False)     # identity: the scheduler's `in` / `remove` on lists of sequences must not compare fields
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
