@@ -37,9 +37,12 @@ prompts, tokens = random_prompts, output_tokens
 
 
 def test_buckets():
-    assert prefill_buckets(4096) == [64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096]
+    assert prefill_buckets(4096) == [64, 128, 256, 512, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096]
     assert prefill_buckets(64) == [64] and prefill_buckets(10) == [10]
-    assert prefill_buckets(100) == [64, 100] and prefill_buckets(1600) == [64, 128, 256, 512, 1024, 1536, 1600]
+    assert prefill_buckets(100) == [64, 100]
+    assert prefill_buckets(1600) == [64, 128, 256, 512, 1024, 1280, 1536, 1600]
+    sizes = prefill_buckets(4096)
+    assert all(b / a <= 1.25 for a, b in zip(sizes, sizes[1:]) if a >= 1024)     # padding < 25% above 1K
     with pytest.raises(ValueError, match="max_tokens"):
         prefill_buckets(0)
 
