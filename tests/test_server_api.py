@@ -78,7 +78,8 @@ def test_completion_plain_and_streamed_agree(client, llm):
 
 
 def test_a_request_not_streamed_gets_only_its_final_output(client, llm):
-    """The engine builds no per-step outputs for it (output_kind final_only); a streamed one gets one per step."""
+    """The engine builds no per-step outputs for it (output_kind final_only); a streamed one gets one per step,
+    each holding only that step's tokens (delta), and its usage still counts them all."""
     eng, seen = llm.engine, []
     step = eng.step
     eng.step = lambda: (lambda outs: (seen.extend(outs), outs)[1])(step())     # the worker thread's next steps
@@ -87,8 +88,12 @@ def test_a_request_not_streamed_gets_only_its_final_output(client, llm):
         assert len(seen) == 1 and seen[0].finished and len(seen[0].outputs[0].token_ids) == 12
         assert whole.usage.completion_tokens == 12
         seen.clear()
-        list(client.completions.create(model=MODEL_NAME, prompt="The quick brown fox", stream=True, **GREEDY))
-        assert len(seen) == 12
+        chunks = list(client.completions.create(model=MODEL_NAME, prompt="The quick brown fox", stream=True,
+                                                stream_options={"include_usage": True}, logprobs=2, **GREEDY))
+        assert len(seen) == 12 and all(len(o.outputs[0].token_ids) == 1 for o in seen)
+        assert chunks[-1].usage.completion_tokens == 12
+        assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 12
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     finally:
         del eng.step
 

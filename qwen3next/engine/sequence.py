@@ -121,6 +121,7 @@ class Sequence:
         comp = CompletionOutput(0, text, ids, self.cumulative_logprob if logprobs is not None else None, logprobs,
                                 self.finish_reason, self.stop_reason, self.delta_text, delta)
         metrics = {"arrival_time": self.arrival_time, "first_token_time": self.first_token_time,
-                   "finish_time": self.finish_time, "num_preemptions": self.num_preemptions}
+                   "finish_time": self.finish_time, "num_preemptions": self.num_preemptions,
+                   "num_output_tokens": len(self.output_token_ids)}
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, [comp], self.is_finished, metrics,
                              self.error)

@@ -178,7 +178,7 @@ async def _chunks(outputs, parser: ChatOutputParser, prefix, rid, created, model
             body["usage"] = None
         return sse(body)
 
-    sent_tokens, calls = 0, 0
+    calls = 0
     yield chunk({"role": "assistant", "content": ""})
     pending = parser.feed(prefix) if prefix else MessageDelta()     # a prefill is never content on its own
     async for out in outputs:
@@ -195,12 +195,9 @@ async def _chunks(outputs, parser: ChatOutputParser, prefix, rid, created, model
             d = MessageDelta(pending.reasoning + d.reasoning, pending.content + d.content,
                              pending.tool_calls + d.tool_calls)
             pending = MessageDelta()
-        n = len(comp.token_ids)
-        logprobs = None
-        if k is not None and n > sent_tokens:
-            logprobs = {"content": chat_logprobs(comp.token_ids[sent_tokens:n], comp.logprobs[sent_tokens:n],
-                                                 k, text)}
-        sent_tokens = n
+        logprobs = None       # (delta outputs: each holds its step's new tokens only)
+        if k is not None and comp.token_ids:
+            logprobs = {"content": chat_logprobs(comp.token_ids, comp.logprobs, k, text)}
         if d or logprobs:
             yield chunk(_delta_json(d, calls), logprobs)
             calls += len(d.tool_calls)

@@ -87,17 +87,14 @@ async def _chunks(outputs, rid, created, model, k, text, include_usage, seen):
             body["usage"] = None
         return sse(body)
 
-    sent_tokens, offset = 0, 0
-    async for out in outputs:
+    offset = 0
+    async for out in outputs:      # delta outputs: each holds its step's new tokens only
         seen["out"] = out
         comp = out.outputs[0]
-        n = len(comp.token_ids)
         logprobs = None
-        if k is not None and n > sent_tokens:
-            logprobs = completion_logprobs(comp.token_ids[sent_tokens:n], comp.logprobs[sent_tokens:n], k, text,
-                                           offset)
+        if k is not None and comp.token_ids:
+            logprobs = completion_logprobs(comp.token_ids, comp.logprobs, k, text, offset)
             offset += sum(len(t) for t in logprobs["tokens"])
-        sent_tokens = n
         if comp.finish_reason == "error":
             yield sse(error_body(500, ENGINE_FAILED))
             break

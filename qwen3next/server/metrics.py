@@ -91,7 +91,7 @@ class ServerMetrics:
         if out.finished:
             comp = out.outputs[0]
             self.finished.labels(comp.finish_reason or "unknown").inc()
-            n = len(comp.token_ids)
+            n = m.get("num_output_tokens", len(comp.token_ids))
             if n > 1 and m.get("finish_time") is not None and m.get("first_token_time") is not None:
                 self.tpot.observe(max(m["finish_time"] - m["first_token_time"], 0.0) / (n - 1))
 

@@ -39,13 +39,16 @@ class Serving:
         if req.logit_bias:
             raise bad_request("logit_bias is not supported by this server", "logit_bias")
         given = {f: getattr(req, f) for f in _PASSTHROUGH if getattr(req, f) is not None}
-        # a non-streamed request reads only its final output: the engine builds no others (each would be a copy of
-        # everything so far, handed across threads)
+        # a non-streamed request reads only its final output, a stream each step's new part: the engine copies
+        # nothing that grows with the output at every step
         given.update(max_tokens=max_tokens, logprobs=logprobs,
-                     output_kind="cumulative" if getattr(req, "stream", False) else "final_only")
+                     output_kind="delta" if getattr(req, "stream", False) else "final_only")
         return self.client.sampling_params(**given)
 
 
 def usage(out) -> dict:
-    p, c = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    """Token counts of a request from its last output (a delta output holds only its step's tokens: the engine's
+    metrics carry the count)."""
+    p = len(out.prompt_token_ids)
+    c = (out.metrics or {}).get("num_output_tokens", len(out.outputs[0].token_ids))
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
