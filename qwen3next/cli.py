@@ -106,22 +106,13 @@ def _cmd_chat(args) -> int:
 
 
 def _add_generation_args(s: argparse.ArgumentParser) -> None:
+    from .engine.flags import add_gpu_engine_flags
     s.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
     s.add_argument("--max-model-len", type=int, default=None, help="context length to reserve")
     s.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: K drafts (0 = off)")
-    s.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
-    s.add_argument("--prefill-graph-tokens", type=int, default=None,
-                   help="replay a prompt's first chunk of up to N tokens (alone, or beside decoding sequences) "
-                        "from a CUDA graph per token bucket (GPU only; default 4096, 0 = never)")
-    s.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
-                   help="wait for each step's sampled tokens before scheduling the next (default: overlap the "
-                        "host's work with the GPU's, on CUDA without speculative decoding)")
-    s.add_argument("--no-warm-up", dest="warm_up", action="store_false",
-                   help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
-                        "only; the first requests then wait for them)")
+    add_gpu_engine_flags(s)
     s.add_argument("--max-tokens", type=int, default=None, help="tokens to generate at most (default 512)")
     s.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the checkpoint's generation_config)")
     s.add_argument("--top-p", type=float, default=None, help="nucleus sampling")

@@ -33,8 +33,9 @@ class LLM:
         cuda_graphs (decode steps replayed from CUDA graphs on a GPU; default True), prefill_graph_tokens (a
         prompt's first chunk of up to this many tokens, alone or beside decoding sequences, replayed from a CUDA
         graph per token bucket; default 4096, 0 = never), overlap (schedule and launch the next step before this
-        step's sampled tokens reach the host; default: on for CUDA without speculative decoding), warm_up (on a GPU, compile the prefill kernels and capture the
-        one-sequence decode graph and the prefill graphs at start-up; default True)."""
+        step's sampled tokens reach the host; default: on for CUDA without speculative decoding), warm_up (on a GPU,
+        compile the prefill kernels and capture the one-sequence decode graph and the prefill graphs at start-up;
+        default True)."""
         if model is None:
             from .. import DEFAULT_MODEL
             if DEFAULT_MODEL is None:

@@ -16,6 +16,7 @@ API_KEY_ENV = "QWEN3NEXT_API_KEY"
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     """The flags of `qwen3next serve`."""
+    from ..engine.flags import add_gpu_engine_flags
     from .engine_client import DEFAULT_MAX_QUEUE
     from .middleware import DEFAULT_MAX_BODY_BYTES
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded default model)")
@@ -34,17 +35,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=None, help="memory for the attention KV cache")
     p.add_argument("--speculative-tokens", type=int, default=0,
                    help="MTP speculative decoding: draft K tokens per step (0 = off)")
-    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run decode steps eagerly instead of replaying CUDA graphs (GPU only)")
-    p.add_argument("--prefill-graph-tokens", type=int, default=None,
-                   help="replay a prompt's first chunk of up to N tokens (alone, or beside decoding sequences) "
-                        "from a CUDA graph per token bucket (GPU only; default 4096, 0 = never)")
-    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=None,
-                   help="wait for each step's sampled tokens before scheduling the next (default: overlap the "
-                        "host's work with the GPU's, on CUDA without speculative decoding)")
-    p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
-                   help="skip compiling the prefill kernels and the one-sequence decode graph at start-up (GPU "
-                        "only; the first requests then wait for them)")
+    add_gpu_engine_flags(p)
     p.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                    help=f"requests in flight before new ones get 503 (default {DEFAULT_MAX_QUEUE})")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
