@@ -2,7 +2,8 @@
 random bf16 weights), one sequence, the engine's path (paged cache, last token's logits), the two variants timed
 alternately for several rounds so that both see the same machine.
 
-    python benchmarks/ab_prefill.py [--switch experts] [--tokens 4096,32768] [--layers 8] [--rounds 3] [--out F]
+    python benchmarks/ab_prefill.py [--switch experts] [--tokens 4096,32768] [--layers 8] [--rounds 3] [--graph]
+                                    [--out F]
 
 Switches:
   experts     the routed experts as ops/triton_experts.py's kernels (on) or torch._grouped_mm (off)
@@ -13,6 +14,11 @@ Switches:
               kernels (on), or norm kernels + torch's rotation ops + index_copy_ (off)
   combine     the MoE's gated shared expert and the layer's residual added in the experts' combine (on), or as
               torch ops after it (off)
+  conv-reads-qkvz  GDN's conv reads q, k, v and the gated norm z in place from in_proj_qkvz's rows, the gates
+              made from in_proj_ba's alone (on), or a pass that unpacks the rows first (off)
+
+--graph: token counts up to 4,096 are timed as CUDA-graph replays (one graph per variant, captured once), as the
+engine runs a new prompt's first chunk of up to 4K tokens: the eager 4K forward is paced by the host's launches.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from qwen3next.bench import _pages_for, cuda_time, random_gpu_model  # noqa: E402
+from qwen3next.bench import _pages_for, capture_graph, cuda_time, random_gpu_model  # noqa: E402
 from qwen3next.config import preset  # noqa: E402
 from qwen3next.model.cache import BatchMeta, HybridCache  # noqa: E402
 from qwen3next.ops import kernels  # noqa: E402
@@ -51,8 +57,12 @@ def _combine(on: bool) -> None:
     kernels.FUSED_MOE_COMBINE = on
 
 
+def _conv_reads_qkvz(on: bool) -> None:
+    kernels.CONV_READS_QKVZ = on
+
+
 SWITCHES = {"experts": _experts, "conv-split": _conv_split, "add-norm": _add_norm, "qk-rope": _qk_rope,
-            "combine": _combine}
+            "combine": _combine, "conv-reads-qkvz": _conv_reads_qkvz}
 
 
 @torch.inference_mode()
@@ -63,6 +73,7 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--graph", action="store_true", help="time up to 4,096 tokens as CUDA-graph replays")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = random_gpu_model(preset("qwen3-next-80b-a3b"), args.layers)
@@ -75,12 +86,20 @@ def main():
         ids = torch.randint(0, model.config.vocab_size, (T,), device="cuda")
         keep = torch.tensor([T - 1], device="cuda")
         fwd = lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep).logits  # noqa: E731
+        run = {}
+        for variant in ("off", "on"):
+            switch(variant == "on")
+            if args.graph and T <= 4096:
+                graph = capture_graph(fwd)
+                run[variant] = (lambda g: lambda: (g.replay(), g.output)[1])(graph)
+            else:
+                run[variant] = (lambda on: lambda: (switch(on), fwd())[1])(variant == "on")
         logits, times = {}, {"off": [], "on": []}
         for r in range(args.rounds):
             for variant in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 switch(variant == "on")
-                times[variant].append(cuda_time(fwd, 2, 5))
-                logits[variant] = fwd().float()
+                times[variant].append(cuda_time(run[variant], 2, 5))
+                logits[variant] = run[variant]().float()
             print(f"{T:>7} {r:>5} {times['off'][-1] * 1e3:>9.2f} {times['on'][-1] * 1e3:>9.2f} "
                   f"{times['on'][-1] / times['off'][-1]:>7.3f}", flush=True)
         diff = ((logits["on"] - logits["off"]).abs().max() / logits["off"].abs().max()).item()
@@ -89,11 +108,12 @@ def main():
               f"logits differ by {diff:.1e} of the largest")
         results[T] = {"off_ms": [t * 1e3 for t in times["off"]], "on_ms": [t * 1e3 for t in times["on"]],
                       "median_ratio_on_off": med["on"] / med["off"], "logits_max_rel_diff": diff}
-        del cache
+        del cache, run
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"switch": args.switch, "layers": args.layers, "device": torch.cuda.get_device_name(),
+            json.dump({"switch": args.switch, "layers": args.layers, "graph": args.graph,
+                       "device": torch.cuda.get_device_name(),
                        "torch": torch.__version__, "results": results}, f, indent=2)
 
 

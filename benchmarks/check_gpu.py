@@ -626,6 +626,21 @@ def _conv_then_fla_l2norm(x, w, h0, meta):
     return q, k, v, final
 
 
+def _gates_then_conv(qkvz, ba, A_log, dt_bias, w, h0, meta, in_place: bool):
+    """The GDN prefill's conv input path (80B-A3B heads): the gates from ba and the conv reading the qkvz rows in
+    place (in_place), or the unpacking pass and the conv over its output -> all outputs flattened."""
+    from qwen3next.ops import triton_conv, triton_gdn
+    if in_place:
+        beta, g = triton_gdn.projection_gates(ba, A_log, dt_bias, 16, 2)
+        x, layout = qkvz[None], (16, 128, 256)
+    else:
+        mixed, _, beta, g = triton_gdn.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128)
+        x, layout = mixed[None], None
+    (q, k, v), final = triton_conv.causal_conv1d(x, w, h0, meta.cu_seqlens, meta.token_seq, meta.token_index,
+                                                 split_qk=2048, l2norm_head=128, qkvz_layout=layout)
+    return torch.cat([t.float().flatten() for t in (q, k, v, final, beta, g)])
+
+
 def check_prefill_glue():
     """The eager prefill path's Triton passes (ops/triton_norm.py, ops/triton_grouped.py, the GDN input split of
     ops/triton_gdn.py) against their torch
@@ -668,6 +683,15 @@ def check_prefill_glue():
         "GDN split + gates [4096, 12288]": (
             lambda: triton_gdn.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128),
             lambda: gdn_projections.split_and_gate(qkvz, ba, A_log, dt_bias, 16, 128, 2, 128)),
+        # kernels.CONV_READS_QKVZ: the conv reads q, k, v out of the qkvz rows, the gates from ba alone; vs the
+        # unpacking pass before the conv (same arithmetic: equal bit for bit)
+        "GDN gates + conv reading qkvz rows [4096, 12288] vs split + conv": (
+            lambda: _gates_then_conv(qkvz, ba, A_log, dt_bias, conv_w, conv_h0, meta2, True),
+            lambda: _gates_then_conv(qkvz, ba, A_log, dt_bias, conv_w, conv_h0, meta2, False)),
+        "gated rms_norm, z read in place in qkvz rows [4096, 32, 128]": (
+            lambda: triton_norm.gated_rms_norm(o, gdn_projections.z_view(qkvz, 16, 128, 2, 128), wg, 1e-6),
+            lambda: ref_norm.gated_rms_norm(o, gdn_projections.z_view(qkvz, 16, 128, 2, 128).reshape(o.shape), wg,
+                                            1e-6)),
         "rms_norm zero-centred [4096, 2048]": (lambda: triton_norm.rms_norm(x, w, 1e-6, True),
                                                 lambda: ref_norm.rms_norm(x, w, 1e-6, True)),
         "residual add + rms_norm [4096, 2048]": (
@@ -689,6 +713,8 @@ def check_prefill_glue():
         record(f"{name}: fused vs torch (bf16)", rel(flat(fused_fn()), flat(torch_fn())), 1e-2)
         if name.startswith("residual add"):       # the sum is x + h exactly, rounded as torch rounds it
             record(f"{name}: the sum bit for bit", float(not torch.equal(fused_fn()[0], torch_fn()[0])), 0.5)
+        if name.startswith("GDN gates + conv reading"):
+            record(f"{name}: bit for bit", float(not torch.equal(fused_fn(), torch_fn())), 0.5)
         if name.startswith("combine + shared"):   # each step rounded as the torch ops round
             record(f"{name}: bit for bit", float(not torch.equal(fused_fn(), torch_fn())), 0.5)
         with torch.inference_mode():

@@ -20,7 +20,7 @@ def test_kernels_match_references_in_the_triton_interpreter():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpreter_checks.py"))], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("max error") == 81, r.stdout
+    assert r.stdout.count("max error") == 89, r.stdout
 
 
 def _compile(fn, signature: dict, constants: dict):
@@ -163,33 +163,38 @@ def test_attention_prep_kernels_compile_for_hopper(write, bt, zc):
     assert "cos.approx" not in rot.asm["ptx"] and "sin.approx" not in rot.asm["ptx"]   # CUDA's precise cos, sin
 
 
-@pytest.mark.parametrize("mode,add", [(0, False), (1, False), (2, False), (0, True)])
-def test_norm_kernel_compiles_for_hopper(mode, add):
+@pytest.mark.parametrize("mode,add,groups", [(0, False, 1), (1, False, 1), (2, False, 1), (0, True, 1),
+                                             (2, False, 2)])
+def test_norm_kernel_compiles_for_hopper(mode, add, groups):
     from qwen3next.ops import triton_norm as n
     k = _compile(n._rms_norm_kernel, {**_ptrs("X Wt G Y RES SUM", "bf16"),
-                                      **_ints("n_rows stride_x stride_g stride_y stride_r stride_s"),
-                                      "eps": "fp32"}, dict(N=2048, BLOCK_N=2048, ROWS=2, MODE=mode, ADD=add))
+                                      **_ints("n_rows stride_x stride_g stride_gg stride_gr stride_y stride_r "
+                                              "stride_s"), "eps": "fp32"},
+                 dict(N=2048, BLOCK_N=2048, ROWS=2, MODE=mode, ADD=add, GG=16 if groups > 1 else 1, GR=groups))
     assert ".entry _rms_norm_kernel" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-def test_gdn_split_kernel_compiles_for_hopper(dtype):
+@pytest.mark.parametrize("dtype,unpack", [("bf16", True), ("fp32", True), ("bf16", False)])
+def test_gdn_split_kernel_compiles_for_hopper(dtype, unpack):
     from qwen3next.ops import triton_gdn as t
     k = _compile(t._split_gate_kernel, {**_ptrs("QKVZ BA MIXED Z BETA", dtype), **_ptrs("A_LOG DT_BIAS G", "fp32"),
                                         **_ints("N stride_x stride_ba stride_m stride_z stride_b stride_g")},
-                 dict(HK=16, DK=128, R=2, RDV=256, BT=16, BDK=128, BRDV=256, BR=2))
+                 dict(HK=16, DK=128, R=2, RDV=256, BT=16, BDK=128, BRDV=256, BR=2, UNPACK=unpack))
     assert ".entry _split_gate_kernel" in k.asm["ptx"]
 
 
-@pytest.mark.parametrize("dtype,has_h0", [("bf16", True), ("bf16", False), ("fp32", True)])
-def test_conv_kernels_compile_for_hopper(dtype, has_h0):
+@pytest.mark.parametrize("dtype,has_h0,grouped", [("bf16", True, False), ("bf16", False, False),
+                                                  ("fp32", True, False), ("bf16", True, True)])
+def test_conv_kernels_compile_for_hopper(dtype, has_h0, grouped):
     from qwen3next.ops import triton_conv as t
+    layout = dict(GROUPED=grouped, HK=16, DK=128, RDV=256)   # grouped: reading whole in_proj_qkvz rows
     conv = _compile(t._conv_kernel, {**_ptrs("X W H0", dtype), "SEQ": "*i64", "IDX": "*i64", "Y": f"*{dtype}",
                                      **_ints("N C stride_x stride_y stride_hs")},
-                    dict(K=4, BT=16, BC=128, HAS_H0=has_h0, ACT=True, SPLIT=has_h0, CQ=2048))
+                    dict(K=4, BT=16, BC=128, HAS_H0=has_h0, ACT=True, SPLIT=has_h0, CQ=2048, NORM_QK=grouped,
+                         **layout))
     final = _compile(t._final_state_kernel, {**_ptrs("X H0", dtype), "CU": "*i64", "OUT": f"*{dtype}",
                                              **_ints("C stride_x stride_hs stride_os")},
-                     dict(K=4, BC=256, HAS_H0=has_h0))
+                     dict(K=4, BC=256, HAS_H0=has_h0, **layout))
     assert ".entry _conv_kernel" in conv.asm["ptx"] and ".entry _final_state_kernel" in final.asm["ptx"]
 
 

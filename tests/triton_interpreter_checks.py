@@ -27,7 +27,8 @@ from qwen3next.ops import attention, conv1d, gated_delta, gdn_projections, moe, 
 from qwen3next.ops import norm as norm_ops  # noqa: E402
 from qwen3next.ops import cuda as cuda_ops  # noqa: E402
 from qwen3next.ops import triton_experts, triton_grouped, triton_norm  # noqa: E402
-from qwen3next.ops.triton_gdn import gated_delta_decode, gated_delta_verify, split_and_gate  # noqa: E402
+from qwen3next.ops.triton_gdn import (gated_delta_decode, gated_delta_verify, projection_gates,  # noqa: E402
+                                     split_and_gate)
 from qwen3next.ops.triton_attention import paged_decode_attention, write_kv  # noqa: E402
 from qwen3next.ops.triton_moe import moe_decode, route  # noqa: E402
 from qwen3next.ops.triton_gemv import gemv, gemv_multi  # noqa: E402
@@ -180,6 +181,12 @@ xs = torch.randn(5, 96)[:, ::2]
 check("rms_norm plain, strided rows", triton_norm.rms_norm(xs, w + 1, 1e-6, False),
       norm_ops.rms_norm(xs, w + 1, 1e-6, False), 1e-5)
 check("gated_rms_norm", triton_norm.gated_rms_norm(x, z, w + 1, 1e-6), norm_ops.gated_rms_norm(x, z, w + 1, 1e-6), 1e-5)
+# the gate read in place as z inside in_proj_qkvz rows ([N, Hk, r, dv] view: 2 key heads x 3 value heads each)
+qkvz_rows = torch.randn(7, 2, 2 * 5 + 2 * 3 * 48)
+z_in = qkvz_rows[..., 2 * 5 + 3 * 48:].unflatten(-1, (3, 48))
+xo = torch.randn(7, 6, 48)
+check("gated_rms_norm, z read in place from qkvz rows", triton_norm.gated_rms_norm(xo, z_in, w + 1, 1e-6),
+      norm_ops.gated_rms_norm(xo, z_in.reshape(xo.shape), w + 1, 1e-6), 1e-5)
 # a residual add and the norm after it in one pass (fp32 here: the interpreter's bf16 rounding is not the GPU's;
 # benchmarks/check_gpu.py compares bf16 bit for bit)
 h = torch.randn_like(x)
@@ -238,6 +245,9 @@ for hk, dk, r, dv in ((4, 16, 2, 8), (2, 12, 3, 10)):
     want = gdn_projections.split_and_gate(qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
     for name, a, b in zip(("conv input", "z", "beta", "g"), got, want):
         check(f"split_and_gate hk={hk} dk={dk} r={r} dv={dv} {name}", a, b, 1e-6)
+    got = projection_gates(ba, A_log, dt_bias, hk, r)
+    for name, a, b in zip(("beta", "g"), got, want[2:]):
+        check(f"projection_gates hk={hk} r={r} {name}", a, b, 1e-6)
 
 # the short conv over packed chunks: sequences shorter than the kernel (state partly carried), a fresh one
 # without a state, channels not a multiple of the block
@@ -263,6 +273,27 @@ for lens, starts, h0 in (([1, 2, 9, 5], [3, 7, 0, 12], True), ([6, 3], [0, 0], F
     wq, wk = (gated_delta.l2norm(t.reshape(*t.shape[:-1], 3, 16)).reshape(t.shape) for t in (wq, wk))
     check(f"causal_conv1d lens={lens} state={h0} q, k l2-normed", torch.cat(normed, -1),
           torch.cat([wq, wk, wv], -1), 1e-5)
+
+# the prefill conv reading q, k, v straight out of whole in_proj_qkvz rows (grouped per key head), with the parts
+# apart and q, k l2-normalised: 2 key heads of dk = 16, 3 value heads of 8 per key head
+hk, dk, r, dv = 2, 16, 3, 8
+C = hk * (2 * dk + r * dv)
+lens, starts = [1, 2, 9, 5], [3, 7, 0, 12]
+meta = BatchMeta.build(lens, starts, list(range(4)), [[i] for i in range(4)], 64)
+qkvz = torch.randn(1, sum(lens), hk * (2 * dk + 2 * r * dv))
+w, init = torch.randn(C, K), torch.randn(4, C, K - 1)
+want = conv1d.causal_conv1d(gdn_projections.conv_input(qkvz[0], hk, dk, r * dv)[None], w, init,
+                            cu_seqlens=meta.cu_seqlens)
+got = triton_conv.causal_conv1d(qkvz, w, init, meta.cu_seqlens, meta.token_seq, meta.token_index,
+                                qkvz_layout=(hk, dk, r * dv))
+check("causal_conv1d reading grouped qkvz rows y", got[0], want[0], 1e-5)
+check("causal_conv1d reading grouped qkvz rows final state", got[1], want[1], 1e-6)
+normed, _ = triton_conv.causal_conv1d(qkvz, w, init, meta.cu_seqlens, meta.token_seq, meta.token_index,
+                                      split_qk=hk * dk, l2norm_head=dk, qkvz_layout=(hk, dk, r * dv))
+wq, wk, wv = want[0].split([hk * dk, hk * dk, hk * r * dv], -1)
+wq, wk = (gated_delta.l2norm(t.reshape(*t.shape[:-1], hk, dk)).reshape(t.shape) for t in (wq, wk))
+check("causal_conv1d reading grouped qkvz rows, q, k l2-normed apart", torch.cat(normed, -1),
+      torch.cat([wq, wk, wv], -1), 1e-5)
 
 # conv decode step: the pool updated in place in shuffled slots, a fresh sequence ignoring its old slot, K = 4 and 3
 for K, dtype in ((4, torch.float32), (3, torch.float32), (4, torch.bfloat16)):

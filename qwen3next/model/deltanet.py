@@ -49,12 +49,20 @@ class GatedDeltaNet(nn.Module):
         return mixed.view(B, T, -1), z.view(B, T, self.hv, self.dv), b.view(B, T, -1), a.view(B, T, -1)
 
     def _project_and_gate(self, x: torch.Tensor):
-        """-> conv input, z, beta, g (fp32): on GPU one pass over the projections (ops/triton_gdn.py)."""
+        """-> (conv input, its qkvz layout or None, z, beta, g (fp32)). The conv input is in_proj_qkvz's rows
+        themselves, which the conv reads q, k, v from (its qkvz layout), and z a view of them [N, Hk, r, dv] that
+        the gated norm reads in place; beta and g come from one pass over in_proj_ba's rows on GPU. With
+        kernels.CONV_READS_QKVZ off, one pass unpacks the rows into the conv input and z (ops/triton_gdn.py)."""
         B, T, _ = x.shape
-        mixed, z, beta, g = kernels.split_and_gate(self.in_proj_qkvz(x).view(B * T, -1),
-                                                   self.in_proj_ba(x).view(B * T, -1), self.A_log, self.dt_bias,
-                                                   self.hk, self.dk, self.r, self.dv)
-        return mixed.view(B, T, -1), z.view(B, T, self.hv, self.dv), beta.view(B, T, -1), g.view(B, T, -1)
+        qkvz, ba = self.in_proj_qkvz(x).view(B * T, -1), self.in_proj_ba(x).view(B * T, -1)
+        if kernels.CONV_READS_QKVZ:
+            beta, g = kernels.projection_gates(ba, self.A_log, self.dt_bias, self.hk, self.r)
+            z = proj_ops.z_view(qkvz, self.hk, self.dk, self.r, self.dv)
+            layout = (self.hk, self.dk, self.r * self.dv)
+            return qkvz.view(B, T, -1), layout, z, beta.view(B, T, -1), g.view(B, T, -1)
+        mixed, z, beta, g = kernels.split_and_gate(qkvz, ba, self.A_log, self.dt_bias, self.hk, self.dk, self.r,
+                                                   self.dv)
+        return mixed.view(B, T, -1), None, z.view(B, T, self.hv, self.dv), beta.view(B, T, -1), g.view(B, T, -1)
 
     def _heads(self, mixed: torch.Tensor | list[torch.Tensor]):
         """The conv output [B, T, C] (or its q, k, v parts) -> q, k [B, T, hk, dk], v [B, T, hv, dv]."""
@@ -82,7 +90,7 @@ class GatedDeltaNet(nn.Module):
                 conv0 = state.conv[meta.slots].masked_fill(fresh, 0)
                 rec0 = state.recurrent[meta.slots].masked_fill(fresh[..., None], 0)
             cu, cu_host = meta.cu_seqlens, meta.cu_seqlens_cpu
-        mixed, z, beta, g = self._project_and_gate(x)
+        mixed, layout, z, beta, g = self._project_and_gate(x)
         padded = meta is not None and meta.valid is not None
         if padded:   # padding rows (a prefill padded to a graph bucket) pass the state on unchanged
             valid = meta.valid.view(1, -1, 1)
@@ -93,7 +101,7 @@ class GatedDeltaNet(nn.Module):
         # already l2-normalised (in the conv's pass on GPU), so the delta rule does not normalise them again
         qkv, conv_final = kernels.causal_conv1d(mixed, conv_w, conv0, cu_seqlens=cu, **host, **maps,
                                                 split=[self.key_dim, self.key_dim, self.value_dim],
-                                                l2norm_head=self.dk, padded=padded)
+                                                l2norm_head=self.dk, padded=padded, qkvz_layout=layout)
         q, k, v = self._heads(qkv)
         if mixed.shape[1] == 1:
             o, rec_final = kernels.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=rec0,

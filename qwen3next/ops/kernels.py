@@ -209,26 +209,31 @@ CONV_SPLIT_OUTPUT = True
 
 
 def causal_conv1d(x, weight, initial_state=None, token_seq=None, token_index=None, split=None, l2norm_head=None,
-                  padded=False, **kw):
+                  padded=False, qkvz_layout=None, **kw):
     """`token_seq` / `token_index` (BatchMeta's token maps, with cu_seqlens) let packed prefill chunks on GPU take
     our Triton conv (ops/triton_conv.py), which costs the host a fraction of fla's wrapper. `split` = [Cq, Cq, Cv]
     (Gated DeltaNet's q, k, v channels): the output comes as those three parts (contiguous ones from the Triton
     conv), else as one tensor. `l2norm_head` = d (with split): q and k come l2-normalised per head of d channels
     (in the Triton conv's pass; elsewhere by ops/gated_delta.l2norm after the conv). `padded`: x has padding rows
     after cu_seqlens[-1] (a padded prefill); the Triton conv or the reference, which give them finite values
-    (fla's conv would leave them unwritten)."""
+    (fla's conv would leave them unwritten). `qkvz_layout` = (hk, dk, r dv): x is whole in_proj_qkvz rows, which
+    the Triton conv reads in place and the other paths unpack first (ops/gdn_projections.conv_input)."""
     parts = None
+    triton_conv = ("causal_conv1d" not in _overrides and token_seq is not None and kw.get("cu_seqlens") is not None
+                   and x.shape[1] > 1 and not kw.get("output_all_states") and _fused_elementwise_applies(x, weight))
+    if qkvz_layout is not None and not triton_conv:
+        x = _proj.conv_input(x.reshape(-1, x.shape[-1]), *qkvz_layout).view(*x.shape[:-1], -1)
     if "causal_conv1d" in _overrides:
         y, final = _overrides["causal_conv1d"](x, weight, initial_state, **kw)
-    elif (token_seq is not None and kw.get("cu_seqlens") is not None and x.shape[1] > 1
-            and not kw.get("output_all_states") and _fused_elementwise_applies(x, weight)):
+    elif triton_conv:
         from .triton_conv import causal_conv1d as conv
         from .triton_conv import l2norm_fits
-        apart = split is not None and CONV_SPLIT_OUTPUT and split[0] == split[1] and sum(split) == x.shape[-1]
+        C = weight.shape[0]
+        apart = split is not None and CONV_SPLIT_OUTPUT and split[0] == split[1] and sum(split) == C
         fuse_norm = apart and l2norm_head is not None and l2norm_fits(split[0], l2norm_head)
         y, final = conv(x, weight, initial_state, kw["cu_seqlens"], token_seq, token_index,
                         activation=kw.get("activation", True), split_qk=split[0] if apart else None,
-                        l2norm_head=l2norm_head if fuse_norm else None)
+                        l2norm_head=l2norm_head if fuse_norm else None, qkvz_layout=qkvz_layout)
         if fuse_norm:
             return y, final
         if apart:
@@ -379,11 +384,14 @@ def add_rms_norm(x, h, weight, eps: float, zero_centered: bool):
 
 
 def gated_rms_norm(x, gate, weight, eps: float):
-    if "gated_rms_norm" in _overrides:
-        return _overrides["gated_rms_norm"](x, gate, weight, eps)
-    if _fused_elementwise_applies(x, gate, weight):
+    """`gate` has x's shape, or x's elements in another view of rows (z read in place from in_proj_qkvz's rows:
+    [N, Hk, r, dv] for x [.., Hv, dv]), which the Triton norm reads where it is."""
+    if _fused_elementwise_applies(x, gate, weight) and "gated_rms_norm" not in _overrides:
         from .triton_norm import gated_rms_norm as fused
         return fused(x, gate, weight, eps)
+    gate = gate if gate.shape == x.shape else gate.reshape(x.shape)
+    if "gated_rms_norm" in _overrides:
+        return _overrides["gated_rms_norm"](x, gate, weight, eps)
     return _norm.gated_rms_norm(x, gate, weight, eps)
 
 
@@ -429,6 +437,13 @@ def qk_norm_rope(q, k, v, q_weight, k_weight, eps: float, zero_centered: bool, c
     return q, k
 
 
+# Gated DeltaNet's prefill reads q, k, v (the conv) and z (the gated norm) in place from in_proj_qkvz's rows, and
+# makes the gates in a pass over in_proj_ba's rows alone (ops/triton_gdn.projection_gates); False: a pass that first
+# unpacks them into the conv input and z (ops/triton_gdn.split_and_gate; benchmarks/ab_prefill.py --switch
+# conv-reads-qkvz)
+CONV_READS_QKVZ = True
+
+
 def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
     """Gated DeltaNet's projections [N, ...] -> (conv input, z, beta, g): ops/gdn_projections.py."""
     if "split_and_gate" in _overrides:
@@ -437,6 +452,14 @@ def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
         from .triton_gdn import split_and_gate as fused
         return fused(qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
     return _proj.split_and_gate(qkvz, ba, A_log, dt_bias, hk, dk, r, dv)
+
+
+def projection_gates(ba, A_log, dt_bias, hk: int, r: int):
+    """in_proj_ba's rows [N, 2 Hv] -> beta, g [N, Hv]: ops/gdn_projections.projection_gates."""
+    if _fused_elementwise_applies(ba):
+        from .triton_gdn import projection_gates as fused
+        return fused(ba, A_log, dt_bias, hk, r)
+    return _proj.projection_gates(ba, A_log, dt_bias, hk, r)
 
 
 _NAMES = {"chunk_gated_delta_rule", "recurrent_gated_delta_rule", "experts_forward", "causal_conv1d",

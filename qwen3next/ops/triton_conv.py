@@ -18,23 +18,38 @@ import triton.language as tl
 from .pdl import launch_pdl, wait_for_predecessor
 
 
+@triton.jit
+def _source_column(cols, GROUPED: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr, RDV: tl.constexpr):
+    """The input column of conv channel `cols`: itself, or (GROUPED) its place in a whole in_proj_qkvz row, grouped
+    per key head: [q_g | k_g | v_g | z_g] for each g, while the channels are [all q | all k | all v]."""
+    if GROUPED:
+        part = tl.where(cols < HK * DK, 0, tl.where(cols < 2 * HK * DK, 1, 2))
+        off = cols - part * HK * DK
+        width = tl.where(part == 2, RDV, DK)
+        return (off // width) * (2 * DK + 2 * RDV) + tl.where(part == 2, 2 * DK, part * DK) + off % width
+    return cols
+
+
 # N (tokens) is not specialised on: Triton compiles a kernel anew for each class of an integer argument (divisible
 # by 16 or not), which a server's new prompt lengths would otherwise hit (~1 s each, H100)
 @triton.jit(do_not_specialize=["N"])
 def _conv_kernel(X, W, H0, SEQ, IDX, Y, N, C, stride_x, stride_y, stride_hs, K: tl.constexpr, BT: tl.constexpr,
                  BC: tl.constexpr, HAS_H0: tl.constexpr, ACT: tl.constexpr, SPLIT: tl.constexpr, CQ: tl.constexpr,
-                 NORM_QK: tl.constexpr):
+                 NORM_QK: tl.constexpr, GROUPED: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr,
+                 RDV: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     r_ok = rows < N
     c_ok = (cols < C)[None, :]
+    src_cols = _source_column(cols, GROUPED, HK, DK, RDV)
     seq = tl.load(SEQ + rows, mask=r_ok, other=0).to(tl.int64)
     idx = tl.load(IDX + rows, mask=r_ok, other=0)
     acc = tl.zeros((BT, BC), dtype=tl.float32)
     for j in tl.static_range(K):
         m = idx - (K - 1) + j                                  # in-sequence index of the input this tap reads
         src = (rows - (K - 1) + j).to(tl.int64)
-        v = tl.load(X + src[:, None] * stride_x + cols[None, :], mask=(r_ok & (m >= 0))[:, None] & c_ok, other=0.0)
+        v = tl.load(X + src[:, None] * stride_x + src_cols[None, :], mask=(r_ok & (m >= 0))[:, None] & c_ok,
+                    other=0.0)
         v = v.to(tl.float32)
         if HAS_H0:                                             # before the chunk: the carried state
             h = tl.load(H0 + seq[:, None] * stride_hs + cols[None, :] * (K - 1) + (K - 1 + m)[:, None],
@@ -58,15 +73,17 @@ def _conv_kernel(X, W, H0, SEQ, IDX, Y, N, C, stride_x, stride_y, stride_hs, K: 
 
 @triton.jit
 def _final_state_kernel(X, H0, CU, OUT, C, stride_x, stride_hs, stride_os, K: tl.constexpr, BC: tl.constexpr,
-                        HAS_H0: tl.constexpr):
+                        HAS_H0: tl.constexpr, GROUPED: tl.constexpr, HK: tl.constexpr, DK: tl.constexpr,
+                        RDV: tl.constexpr):
     s = tl.program_id(0)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
+    src_cols = _source_column(cols, GROUPED, HK, DK, RDV)
     start = tl.load(CU + s)
     n = tl.load(CU + s + 1) - start
     for p in tl.static_range(K - 1):
         m = n - (K - 1) + p                                    # in-sequence index of the state's entry p
-        v = tl.load(X + (start + m).to(tl.int64) * stride_x + cols, mask=c_ok & (m >= 0), other=0.0)
+        v = tl.load(X + (start + m).to(tl.int64) * stride_x + src_cols, mask=c_ok & (m >= 0), other=0.0)
         v = v.to(OUT.dtype.element_ty)
         if HAS_H0:
             h = tl.load(H0 + s.to(tl.int64) * stride_hs + cols * (K - 1) + (K - 1 + m), mask=c_ok & (m < 0),
@@ -82,19 +99,28 @@ def l2norm_fits(split_qk: int, head: int) -> bool:
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Tensor | None, cu_seqlens: torch.Tensor,
                   token_seq: torch.Tensor, token_index: torch.Tensor, activation: bool = True,
-                  split_qk: int | None = None, l2norm_head: int | None = None):
+                  split_qk: int | None = None, l2norm_head: int | None = None, qkvz_layout=None):
     """x [1, N, C] (sequences packed by cu_seqlens [S+1]), weight [C, K], initial_state [S, C, K-1] or None;
     token_seq / token_index [N]: each token's sequence and index within it. Same results as ops/conv1d's
     causal_conv1d with cu_seqlens: (y [1, N, C] in x's dtype, final state [S, C, K-1] in weight's dtype).
+    `qkvz_layout` = (hk, dk, r dv): x holds whole in_proj_qkvz rows [1, N, hk (2 dk + 2 r dv)] (grouped per key
+    head, ops/gdn_projections.py), read in place: the C = hk (2 dk + r dv) channels are its q, k, v columns, so
+    no pass unpacks them first (that copy took as long as the conv: 70 vs 63 us per layer at 4K tokens, H100).
     `split_qk` = Cq: y comes as [q, k, v], the channels [0, Cq), [Cq, 2 Cq) and the rest, each a contiguous
     [1, N, C_i] (Gated DeltaNet's q, k, v as flash-linear-attention's chunk kernel wants them: the views of one
     [N, C] output cost three copies, 0.27 ms per 4 layers at 4K tokens on an H100). `l2norm_head` = d (with
     split_qk, a power of two dividing Cq): q and k come l2-normalised over each head of d channels
     (ops/gated_delta.l2norm), so the delta rule need not (fla's l2norm kernel autotunes 25 configurations for
     every new bucket of token counts: 12.8 s in the first 32K prompt through 8K chunks, H100)."""
-    _, N, C = x.shape
-    K = weight.shape[-1]
+    _, N, width = x.shape
+    C, K = weight.shape
     S = cu_seqlens.numel() - 1
+    hk, dk, rdv = qkvz_layout if qkvz_layout is not None else (1, 1, 1)
+    if qkvz_layout is not None and (width != hk * (2 * dk + 2 * rdv) or C != hk * (2 * dk + rdv)):
+        raise ValueError(f"qkvz rows of width {width} and {C} conv channels do not fit the layout "
+                         f"(hk, dk, r dv) = {tuple(qkvz_layout)}")
+    if qkvz_layout is None and width != C:
+        raise ValueError(f"x has {width} channels, the conv weight {C}")
     x2 = x[0] if x[0].stride(-1) == 1 else x[0].contiguous()
     w = weight.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -108,13 +134,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
             raise ValueError(f"l2norm_head must be a power of two <= 256 dividing split_qk, got {l2norm_head} / "
                              f"{split_qk}")
         BC = l2norm_head
+    layout = dict(GROUPED=qkvz_layout is not None, HK=hk, DK=dk, RDV=rdv)
     _conv_kernel[(triton.cdiv(N, BT), triton.cdiv(C, BC))](
         x2, w, x2 if h0 is None else h0, token_seq, token_index, y, N, C, x2.stride(0), y.stride(0),
         0 if h0 is None else h0.stride(0), K=K, BT=BT, BC=BC, HAS_H0=h0 is not None, ACT=activation,
-        SPLIT=split_qk is not None, CQ=split_qk or 0, NORM_QK=l2norm_head is not None, num_warps=4)
+        SPLIT=split_qk is not None, CQ=split_qk or 0, NORM_QK=l2norm_head is not None, **layout, num_warps=4)
     _final_state_kernel[(S, triton.cdiv(C, 256))](
         x2, x2 if h0 is None else h0, cu_seqlens, final, C, x2.stride(0), 0 if h0 is None else h0.stride(0),
-        final.stride(0), K=K, BC=256, HAS_H0=h0 is not None, num_warps=4)
+        final.stride(0), K=K, BC=256, HAS_H0=h0 is not None, **layout, num_warps=4)
     if split_qk is None:
         return y[None], final
     flat, cq = y.view(-1), split_qk
@@ -134,12 +161,7 @@ def _conv_step_kernel(X, W, STATE, SLOTS, FRESH, Y, C, stride_x, stride_y, strid
     s = tl.program_id(0)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     c_ok = cols < C
-    src = cols
-    if GROUPED:   # X holds whole in_proj_qkvz rows, grouped per key head: [q_g | k_g | v_g | z_g] for each g
-        part = tl.where(cols < HK * DK, 0, tl.where(cols < 2 * HK * DK, 1, 2))
-        off = cols - part * HK * DK
-        width = tl.where(part == 2, RDV, DK)
-        src = (off // width) * (2 * DK + 2 * RDV) + tl.where(part == 2, 2 * DK, part * DK) + off % width
+    src = _source_column(cols, GROUPED, HK, DK, RDV)     # GROUPED: X holds whole in_proj_qkvz rows
     j = tl.arange(0, BK)                                       # state column: the input j - (K - 1) steps back
     slot = tl.load(SLOTS + s).to(tl.int64)
     carry = tl.load(FRESH + s).to(tl.int32) == 0               # a fresh sequence starts from a zero state

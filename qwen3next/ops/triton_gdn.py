@@ -20,8 +20,9 @@ program per head (BV = dv, as until 2026-11-24) held a 128 x 128 fp32 tile in re
 sequence: that kernel ended ~8 us after the conv step before it (H100, benchmarks/profile_gpu.py --timeline).
 Reference: ops/gated_delta.gated_delta_decode (+ ops/norm.gated_rms_norm).
 
-Prefill: split_and_gate unpacks in_proj_qkvz / in_proj_ba (grouped per key head in the checkpoint) into the conv
-input, z and the gates beta, g. Reference: ops/gdn_projections.split_and_gate.
+Prefill: projection_gates makes beta and g from in_proj_ba's rows (the conv reads q, k, v out of in_proj_qkvz's rows
+itself, the gated norm z); split_and_gate also unpacks in_proj_qkvz (grouped per key head in the checkpoint) into
+the conv input and z (kernels.CONV_READS_QKVZ = False). Reference: ops/gdn_projections.py.
 
 Both are checked by benchmarks/check_gpu.py and, in Triton's CPU interpreter, by tests/test_triton_kernels.py.
 """
@@ -220,23 +221,25 @@ def gated_delta_verify(q, k, v, a, b, A_log, dt_bias, state, slots, fresh, scale
 @triton.jit
 def _split_gate_kernel(QKVZ, BA, A_LOG, DT_BIAS, MIXED, Z, BETA, G, N, stride_x, stride_ba, stride_m, stride_z,
                        stride_b, stride_g, HK: tl.constexpr, DK: tl.constexpr, R: tl.constexpr, RDV: tl.constexpr,
-                       BT: tl.constexpr, BDK: tl.constexpr, BRDV: tl.constexpr, BR: tl.constexpr):
-    """Grid (token blocks of BT, key-head group g): copies the group's q, k, v into [all q | all k | all v] and
-    z into [Hv dv], and turns its r (b, a) pairs into beta and g."""
+                       BT: tl.constexpr, BDK: tl.constexpr, BRDV: tl.constexpr, BR: tl.constexpr,
+                       UNPACK: tl.constexpr):
+    """Grid (token blocks of BT, key-head group g): turns the group's r (b, a) pairs into beta and g and, with
+    UNPACK, copies its q, k, v into [all q | all k | all v] and z into [Hv dv]."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     grp = tl.program_id(1)
     ok = rows < N
     r64 = rows.to(tl.int64)[:, None]
-    src = QKVZ + r64 * stride_x + grp * (2 * DK + 2 * RDV)
-    dst = MIXED + r64 * stride_m
-    ck = tl.arange(0, BDK)[None, :]
-    mk = ok[:, None] & (ck < DK)
-    tl.store(dst + grp * DK + ck, tl.load(src + ck, mask=mk), mask=mk)
-    tl.store(dst + HK * DK + grp * DK + ck, tl.load(src + DK + ck, mask=mk), mask=mk)
-    cv = tl.arange(0, BRDV)[None, :]
-    mv = ok[:, None] & (cv < RDV)
-    tl.store(dst + 2 * HK * DK + grp * RDV + cv, tl.load(src + 2 * DK + cv, mask=mv), mask=mv)
-    tl.store(Z + r64 * stride_z + grp * RDV + cv, tl.load(src + 2 * DK + RDV + cv, mask=mv), mask=mv)
+    if UNPACK:
+        src = QKVZ + r64 * stride_x + grp * (2 * DK + 2 * RDV)
+        dst = MIXED + r64 * stride_m
+        ck = tl.arange(0, BDK)[None, :]
+        mk = ok[:, None] & (ck < DK)
+        tl.store(dst + grp * DK + ck, tl.load(src + ck, mask=mk), mask=mk)
+        tl.store(dst + HK * DK + grp * DK + ck, tl.load(src + DK + ck, mask=mk), mask=mk)
+        cv = tl.arange(0, BRDV)[None, :]
+        mv = ok[:, None] & (cv < RDV)
+        tl.store(dst + 2 * HK * DK + grp * RDV + cv, tl.load(src + 2 * DK + cv, mask=mv), mask=mv)
+        tl.store(Z + r64 * stride_z + grp * RDV + cv, tl.load(src + 2 * DK + RDV + cv, mask=mv), mask=mv)
     cr = tl.arange(0, BR)[None, :]
     mr = ok[:, None] & (cr < R)
     b = tl.load(BA + r64 * stride_ba + grp * 2 * R + cr, mask=mr, other=0.0).to(tl.float32)
@@ -249,20 +252,34 @@ def _split_gate_kernel(QKVZ, BA, A_LOG, DT_BIAS, MIXED, Z, BETA, G, N, stride_x,
     tl.store(G + r64 * stride_g + head, g, mask=mr)
 
 
+def _launch_split_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int, unpack: bool):
+    N = ba.shape[0]
+    if ba.stride(-1) != 1 or (unpack and qkvz.stride(-1) != 1):
+        raise ValueError("the projections must be contiguous in their last dimension")
+    hv = hk * r
+    dev, dt = ba.device, ba.dtype
+    mixed = torch.empty(N, 2 * hk * dk + hv * dv, device=dev, dtype=qkvz.dtype) if unpack else None
+    z = torch.empty(N, hv, dv, device=dev, dtype=qkvz.dtype) if unpack else None
+    beta = torch.empty(N, hv, device=dev, dtype=dt)
+    g = torch.empty(N, hv, device=dev, dtype=torch.float32)
+    BT = 16 if unpack else 64
+    _split_gate_kernel[(triton.cdiv(N, BT), hk)](
+        qkvz if unpack else ba, ba, A_log, dt_bias, mixed if unpack else beta, z if unpack else beta, beta, g, N,
+        qkvz.stride(0) if unpack else 0, ba.stride(0), mixed.stride(0) if unpack else 0,
+        z.stride(0) if unpack else 0, beta.stride(0), g.stride(0), HK=hk, DK=dk, R=r, RDV=r * dv, BT=BT,
+        BDK=triton.next_power_of_2(dk), BRDV=triton.next_power_of_2(r * dv), BR=triton.next_power_of_2(r),
+        UNPACK=unpack, num_warps=4)
+    return mixed, z, beta, g
+
+
 def split_and_gate(qkvz, ba, A_log, dt_bias, hk: int, dk: int, r: int, dv: int):
     """Same contract as ops/gdn_projections.split_and_gate. Replaces ~15 torch ops (four strided copies, a concat,
     the gate arithmetic in fp32) with one launch that reads the projections once and writes each output once."""
-    N = qkvz.shape[0]
-    if qkvz.stride(-1) != 1 or ba.stride(-1) != 1:
-        raise ValueError("the projections must be contiguous in their last dimension")
-    hv = hk * r
-    mixed = torch.empty(N, 2 * hk * dk + hv * dv, device=qkvz.device, dtype=qkvz.dtype)
-    z = torch.empty(N, hv, dv, device=qkvz.device, dtype=qkvz.dtype)
-    beta = torch.empty(N, hv, device=qkvz.device, dtype=ba.dtype)
-    g = torch.empty(N, hv, device=qkvz.device, dtype=torch.float32)
-    BT = 16
-    _split_gate_kernel[(triton.cdiv(N, BT), hk)](
-        qkvz, ba, A_log, dt_bias, mixed, z, beta, g, N, qkvz.stride(0), ba.stride(0), mixed.stride(0), z.stride(0),
-        beta.stride(0), g.stride(0), HK=hk, DK=dk, R=r, RDV=r * dv, BT=BT, BDK=triton.next_power_of_2(dk),
-        BRDV=triton.next_power_of_2(r * dv), BR=triton.next_power_of_2(r), num_warps=4)
-    return mixed, z, beta, g
+    return _launch_split_gate(qkvz, ba, A_log, dt_bias, hk, dk, r, dv, unpack=True)
+
+
+def projection_gates(ba, A_log, dt_bias, hk: int, r: int):
+    """Same contract as ops/gdn_projections.projection_gates: beta, g (fp32) [N, Hv] from in_proj_ba's rows alone
+    (the prefill conv reads q, k, v straight out of the qkvz rows: ops/triton_conv.causal_conv1d qkvz_layout)."""
+    _, _, beta, g = _launch_split_gate(None, ba, A_log, dt_bias, hk, 1, r, 1, unpack=False)
+    return beta, g
