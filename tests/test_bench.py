@@ -71,3 +71,20 @@ def test_prefill_floor_is_the_slower_of_compute_and_weight_traffic_per_layer():
     kv_per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * cfg.layer_types.count("full_attention")
     grow = bench.prefill_floor(cfg, 10_000, 1e30, 1.0) - bench.prefill_floor(cfg, 1, 1e30, 1.0)
     assert grow - 9_999 * kv_per_token == pytest.approx(4 * (64 - 4) * expert, rel=1e-6)
+
+
+def test_serial_prefill_floor_runs_each_part_of_a_layer_at_its_own_bound():
+    """At 4K tokens the projections are compute-bound and the experts bandwidth-bound: the layer's floor overlaps
+    them, the part-by-part floor (kernels one after another) adds them, and it equals the layer floor when one
+    resource bounds every part."""
+    from qwen3next.config import preset
+    cfg = preset("qwen3-next-80b-a3b")
+    flops, bw = 738e12, 2.98e12
+    layer, serial = bench.prefill_floor(cfg, 4096, flops, bw), bench.prefill_floor_serial(cfg, 4096, flops, bw)
+    assert serial > 1.3 * layer
+    parts = bench._prefill_parts(cfg, 4096)
+    projections = sum(p[0][0] for p in parts) / flops
+    experts = sum(p[1][1] for p in parts) / bw
+    assert serial > projections + experts
+    for only in ((flops, 1e30), (1e30, bw)):        # one resource free: the two floors agree
+        assert bench.prefill_floor_serial(cfg, 4096, *only) == pytest.approx(bench.prefill_floor(cfg, 4096, *only))
