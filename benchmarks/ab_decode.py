@@ -18,6 +18,8 @@ Switches:
                 for larger steps too), or one program per head as until 2026-11-24 (off)
   qk-rope       attention's q/k norms, rotation and KV write as one kernel and the rotary table as one
                 (ops/triton_rope.py; on), or Inductor's kernels, the KV write kernel and torch's nine rotary ops (off)
+  moe-blocks    the fused MoE decode kernels above one token with 4 x 2048 (up) and 16 x 256 (down) blocks and 2
+                warps each (on), or 4 x 1024 / 4 warps and 16 x 256 / 8 warps (off)
 """
 from __future__ import annotations
 
@@ -45,7 +47,12 @@ def _qk_rope(on: bool) -> None:
     kernels.FUSED_QK_ROPE = on
 
 
-SWITCHES = {"pdl": _pdl, "gdn-norm": _gdn_norm, "qk-rope": _qk_rope}
+def _moe_blocks(on: bool) -> None:
+    from qwen3next.ops import triton_moe
+    triton_moe.WIDE_MULTI_TOKEN_BLOCKS = on
+
+
+SWITCHES = {"pdl": _pdl, "gdn-norm": _gdn_norm, "qk-rope": _qk_rope, "moe-blocks": _moe_blocks}
 
 
 @torch.inference_mode()

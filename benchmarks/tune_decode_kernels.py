@@ -26,11 +26,10 @@ import sys
 
 import torch
 import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qwen3next.ops import triton_attention, triton_moe  # noqa: E402
+from qwen3next.ops import triton_attention, triton_gemv, triton_moe  # noqa: E402
 
 R = 32  # launches per graph
 
@@ -75,7 +74,7 @@ def sweep_moe(rows: list, bw: float):
     down_w = torch.randn(E, H, I, device="cuda", dtype=dt) * 0.02
     sg, su = torch.randn(I, H, device="cuda", dtype=dt) * 0.02, torch.randn(I, H, device="cuda", dtype=dt) * 0.02
     sd = torch.randn(H, I, device="cuda", dtype=dt) * 0.02
-    for T in (1, 4, 16):
+    for T in (1, 4, 16, 64):
         S = K + 1
         x = torch.randn(T, H, device="cuda", dtype=dt)
         ids = [torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)]) for _ in range(R)]
@@ -101,9 +100,9 @@ def sweep_moe(rows: list, bw: float):
 
         for kernel, launch, names, sizes, nbytes, shipped in (
                 ("moe_up", up, ("BLOCK_I", "BLOCK_H"), ((1, 2, 4, 8), (256, 512, 1024, 2048)), up_bytes,
-                 (1, 1024, 4, 1)),
+                 triton_moe.decode_blocks(T)[0] + (1,)),
                 ("moe_down", down, ("BLOCK_N", "BLOCK_K"), ((2, 4, 8, 16), (128, 256, 512)), down_bytes,
-                 ((8, 512) if T == 1 else (16, 256)) + (8, 1))):
+                 triton_moe.decode_blocks(T)[1] + (1,))):
             mine = []
             for b0, b1, nw, ns in itertools.product(*sizes, (2, 4, 8), (1,)):   # stages 1 vs 3: within 1% (2026-11-23)
                 if b0 * b1 > 16384:
@@ -137,18 +136,6 @@ def sweep_route(rows: list):
             print(f"route T={T:5d} num_warps={nw}: {t:.2f} us", flush=True)
 
 
-@triton.jit
-def _gemv_kernel(X, W, Y, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(X + k0 + cols).to(tl.float32)
-        wv = tl.load(W + rows[:, None] * K + k0 + cols[None, :], mask=(rows < N)[:, None], other=0.0)
-        acc += wv.to(tl.float32) * x[None, :]
-    tl.store(Y + rows, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=rows < N)
-
-
 def sweep_gemv(rows: list, bw: float):
     shapes = {"gdn in_proj_qkvz": (12288, 2048), "gdn in_proj_ba": (64, 2048), "out/o_proj": (2048, 4096),
               "router": (512, 2048), "attn q_proj (+gate)": (8192, 2048), "attn k/v_proj": (512, 2048),
@@ -165,8 +152,8 @@ def sweep_gemv(rows: list, bw: float):
         for bn, bk, nw in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
             if bk > K or bn * bk > 16384 or bn * bk < 32 * nw:
                 continue
-            f = lambda w, bn=bn, bk=bk, nw=nw: _gemv_kernel[(triton.cdiv(N, bn),)](  # noqa: E731
-                x, w, y, N=N, K=K, BLOCK_N=bn, BLOCK_K=bk, PDL=False, num_warps=nw)
+            f = lambda w, bn=bn, bk=bk, nw=nw: triton_gemv._gemv_kernel[(triton.cdiv(N, bn),)](  # noqa: E731
+                x, w, y, N, K, w.stride(0), BLOCK_N=bn, BLOCK_K=bk, PDL=False, num_warps=nw)
             try:
                 t = graph_time_us([(lambda w=w: f(w)) for w in ws] * (R // len(ws) + 1))
             except Exception as e:  # noqa: BLE001
@@ -178,6 +165,9 @@ def sweep_gemv(rows: list, bw: float):
                    "us": t, "cublas_us": t_cublas, "bw_frac": nbytes / t / 1e3 / bw, "rel_err": err}
             rows.append(row)
             best = row if best is None or t < best["us"] else best
+        if best is None:
+            print(f"gemv {name}: no configuration ran", flush=True)
+            continue
         print(f"gemv {name:22s} N={N:5d} K={K}: cuBLAS {t_cublas:6.2f} us ({nbytes / t_cublas / 1e3 / bw:.2f} of "
               f"copy); best triton {best['us']:6.2f} us ({best['bw_frac']:.2f}) BLOCK {best['BLOCK_N']}x"
               f"{best['BLOCK_K']} w{best['num_warps']} err {best['rel_err']:.1e}", flush=True)

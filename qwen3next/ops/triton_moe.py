@@ -111,6 +111,20 @@ def _down_kernel(Hbuf, IDS, D, SD, Y, stride_h, stride_de, stride_dr, stride_sr,
     tl.store(Y + pair * stride_y + rows, tl.sum(acc, 1), mask=row_ok)
 
 
+# Above one token, the up kernel's 4 rows x 2048 columns and both kernels with 2 warps (H200 sweep at 4 / 16 / 64
+# tokens, benchmarks/results/tune_decode_h200_2026-11-24.json): at 64 tokens 433 / 214 us against 545 / 274 us for
+# 4 x 1024 / 4 warps and 16 x 256 / 8 warps (1.26x / 1.28x), at 16 tokens 138 / 70 against 142 / 71, at 4 equal.
+# False: the earlier shapes (benchmarks/ab_decode.py --switch moe-blocks)
+WIDE_MULTI_TOKEN_BLOCKS = True
+
+
+def decode_blocks(T: int):
+    """((BLOCK_I, BLOCK_H, warps) of the up kernel, (BLOCK_N, BLOCK_K, warps) of the down kernel) at T tokens."""
+    if T == 1:
+        return (1, 1024, 4), (8, 512, 8)
+    return ((4, 2048, 2), (16, 256, 2)) if WIDE_MULTI_TOKEN_BLOCKS else ((4, 1024, 4), (16, 256, 8))
+
+
 def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: torch.Tensor,
                weights: torch.Tensor, shared_gate: torch.Tensor | None = None,
                shared_up: torch.Tensor | None = None, shared_down: torch.Tensor | None = None,
@@ -141,16 +155,16 @@ def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: 
     # at 1, 4 and 16 tokens (1 token: 17.4 us = 0.90 of the copy rate, against 19.7 us for the earlier 4 x 256),
     # but the bench's 64-sequence step got slower with it (9.48 against 8.68 ms per 8 layers): above one token
     # 4 x 1024 as before; down: 8 x 512 at one token (9.2 against 9.5 us), 16 x 256 above
-    BLOCK_I, BLOCK_H = (1, 1024) if T == 1 else (4, 1024)
+    (BLOCK_I, BLOCK_H, up_warps), (BLOCK_N, BLOCK_K, down_warps) = decode_blocks(T)
     pdl = launch_pdl(x)
     _up_kernel[(T * S, triton.cdiv(width, BLOCK_I))](
         x, ids, w, sw, gate_up, sg, su, h, x.stride(0), gate_up.stride(0), gate_up.stride(1), sg.stride(0), h.stride(0),
-        K=K, S=S, I=inter, IS=inter_s, H=Hd, BLOCK_I=BLOCK_I, BLOCK_H=BLOCK_H, PDL=pdl, num_warps=4, launch_pdl=pdl)
-    BLOCK_N, BLOCK_K = (8, 512) if T == 1 else (16, 256)
+        K=K, S=S, I=inter, IS=inter_s, H=Hd, BLOCK_I=BLOCK_I, BLOCK_H=BLOCK_H, PDL=pdl, num_warps=up_warps,
+        launch_pdl=pdl)
     _down_kernel[(T * S, triton.cdiv(Hd, BLOCK_N))](
         h, ids, down, sd, y, h.stride(0), down.stride(0), down.stride(1), sd.stride(0), y.stride(0),
-        K=K, S=S, I=inter, IS=inter_s, KMAX=width, H=Hd, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl, num_warps=8,
-        launch_pdl=pdl)
+        K=K, S=S, I=inter, IS=inter_s, KMAX=width, H=Hd, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl,
+        num_warps=down_warps, launch_pdl=pdl)
     return y.view(T, S, Hd)
 
 
