@@ -86,7 +86,7 @@ def main():
         ids = torch.randint(0, model.config.vocab_size, (T,), device="cuda")
         keep = torch.tensor([T - 1], device="cuda")
         fwd = lambda: model(ids, cache=cache, meta=meta, logits_to_keep=keep).logits  # noqa: E731
-        run = {}
+        run, graph = {}, None
         for variant in ("off", "on"):
             switch(variant == "on")
             if args.graph and T <= 4096:
@@ -108,7 +108,7 @@ def main():
               f"logits differ by {diff:.1e} of the largest")
         results[T] = {"off_ms": [t * 1e3 for t in times["off"]], "on_ms": [t * 1e3 for t in times["on"]],
                       "median_ratio_on_off": med["on"] / med["off"], "logits_max_rel_diff": diff}
-        del cache, run
+        cache = run = graph = None   # free the pools and graphs before the next length
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:

@@ -532,7 +532,8 @@ def check_moe_prefill():
             x, w, ids = routed[N]
             sweep = []
             for kind, shapes in (("up", [dict(BM=bm, BN=bn, BK=64, num_warps=nw, num_stages=st)
-                                         for bm in (64, 128) for bn in (64, 128) for nw in (8,) for st in (3, 4)]),
+                                         for bm in (64, 128) for bn in (64, 128, 256) for nw in (4, 8)
+                                         for st in (3, 4)]),
                                  ("down", [dict(BM=128, BN=bn, BK=bk, num_warps=nw, num_stages=st)
                                            for bn in (128, 256) for bk in (64, 128) for nw in (4, 8)
                                            for st in (2, 3, 4)])):
