@@ -92,6 +92,20 @@ def _final_state_kernel(X, H0, CU, OUT, C, stride_x, stride_hs, stride_os, K: tl
         tl.store(OUT + s.to(tl.int64) * stride_os + cols * (K - 1) + p, v, mask=c_ok)
 
 
+def _checked_layout(qkvz_layout, width: int, C: int):
+    """(hk, dk, r dv) of x's rows (whole in_proj_qkvz rows), or (1, 1, 1) for plain [.., C] rows; checked
+    against x's row width and the conv's C channels."""
+    if qkvz_layout is None:
+        if width != C:
+            raise ValueError(f"x has {width} channels, the conv weight {C}")
+        return 1, 1, 1
+    hk, dk, rdv = qkvz_layout
+    if width != hk * (2 * dk + 2 * rdv) or C != hk * (2 * dk + rdv):
+        raise ValueError(f"qkvz rows of width {width} and {C} conv channels do not fit the layout "
+                         f"(hk, dk, r dv) = {tuple(qkvz_layout)}")
+    return hk, dk, rdv
+
+
 def l2norm_fits(split_qk: int, head: int) -> bool:
     """Whether the conv can l2-normalise q and k itself: one program's channel block is one whole head."""
     return head & (head - 1) == 0 and head <= 256 and split_qk % head == 0
@@ -115,12 +129,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, initial_state: torch.Te
     _, N, width = x.shape
     C, K = weight.shape
     S = cu_seqlens.numel() - 1
-    hk, dk, rdv = qkvz_layout if qkvz_layout is not None else (1, 1, 1)
-    if qkvz_layout is not None and (width != hk * (2 * dk + 2 * rdv) or C != hk * (2 * dk + rdv)):
-        raise ValueError(f"qkvz rows of width {width} and {C} conv channels do not fit the layout "
-                         f"(hk, dk, r dv) = {tuple(qkvz_layout)}")
-    if qkvz_layout is None and width != C:
-        raise ValueError(f"x has {width} channels, the conv weight {C}")
+    hk, dk, rdv = _checked_layout(qkvz_layout, width, C)
     x2 = x[0] if x[0].stride(-1) == 1 else x[0].contiguous()
     w = weight.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -193,10 +202,7 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, state: torch.Tenso
         raise ValueError("the conv state pool and the conv weight must be contiguous")
     if K < 2:
         raise ValueError(f"conv kernel width must be at least 2, got {K}")
-    hk, dk, rdv = qkvz_layout if qkvz_layout is not None else (1, 1, 1)
-    if qkvz_layout is not None and (x.shape[1] != hk * (2 * dk + 2 * rdv) or C != hk * (2 * dk + rdv)):
-        raise ValueError(f"qkvz rows of width {x.shape[1]} and {C} conv channels do not fit the layout "
-                         f"(hk, dk, r dv) = {tuple(qkvz_layout)}")
+    hk, dk, rdv = _checked_layout(qkvz_layout, x.shape[1], C)
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = torch.empty(S, C, device=x.device, dtype=x.dtype)
     BC = 256

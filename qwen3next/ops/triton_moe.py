@@ -111,10 +111,14 @@ def _down_kernel(Hbuf, IDS, D, SD, Y, stride_h, stride_de, stride_dr, stride_sr,
     tl.store(Y + pair * stride_y + rows, tl.sum(acc, 1), mask=row_ok)
 
 
-# Above one token, the up kernel's 4 rows x 2048 columns and both kernels with 2 warps (H200 sweep at 4 / 16 / 64
-# tokens, benchmarks/results/tune_decode_h200_2026-11-24.json): at 64 tokens 433 / 214 us against 545 / 274 us for
+# Block shapes from benchmarks/tune_decode_kernels.py --only moe. One token (H100, 80B-A3B shapes, 2026-11-23,
+# benchmarks/results/tune_moe_2026-11-23.json): one row of gate and up per program, 1024 columns per step (17.4 us
+# = 0.90 of the copy rate, against 19.7 us for the earlier 4 x 256); down 8 x 512 (9.2 against 9.5 us). Above one
+# token the one-row shape made the bench's 64-sequence step slower (9.48 against 8.68 ms per 8 layers); there the
+# up kernel's 4 rows x 2048 columns and both kernels with 2 warps (H200 sweep at 4 / 16 / 64 tokens,
+# benchmarks/results/tune_decode_h200_2026-11-24.json): at 64 tokens 433 / 214 us against 545 / 274 us for
 # 4 x 1024 / 4 warps and 16 x 256 / 8 warps (1.26x / 1.28x), at 16 tokens 138 / 70 against 142 / 71, at 4 equal.
-# False: the earlier shapes (benchmarks/ab_decode.py --switch moe-blocks)
+# False: those earlier shapes above one token (benchmarks/ab_decode.py --switch moe-blocks)
 WIDE_MULTI_TOKEN_BLOCKS = True
 
 
@@ -150,11 +154,6 @@ def moe_decode(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, ids: 
     width = max(inter, inter_s)
     h = torch.empty(T * S, width, device=x.device, dtype=torch.float32)
     y = torch.empty(T * S, Hd, device=x.device, dtype=torch.float32)
-    # block shapes from benchmarks/tune_decode_kernels.py --only moe (H100, 80B-A3B shapes, 2026-11-23,
-    # benchmarks/results/tune_moe_2026-11-23.json): one row of gate and up per program, 1024 columns per step, won
-    # at 1, 4 and 16 tokens (1 token: 17.4 us = 0.90 of the copy rate, against 19.7 us for the earlier 4 x 256),
-    # but the bench's 64-sequence step got slower with it (9.48 against 8.68 ms per 8 layers): above one token
-    # 4 x 1024 as before; down: 8 x 512 at one token (9.2 against 9.5 us), 16 x 256 above
     (BLOCK_I, BLOCK_H, up_warps), (BLOCK_N, BLOCK_K, down_warps) = decode_blocks(T)
     pdl = launch_pdl(x)
     _up_kernel[(T * S, triton.cdiv(width, BLOCK_I))](
